@@ -1,8 +1,9 @@
 """Shared pytest fixtures for the script tests.
 
 Every test starts from the same random state (``seed_everything``), figures never open a
-window (the ``Agg`` backend), and ``run_main`` runs a script's ``main([...])`` the way a
-learner would, into a temporary output folder, and returns what it wrote.
+window (the ``Agg`` backend), and ``run_main`` runs a script the way a learner would
+(``python <script>.py --quick --no-show``) into a temporary output folder and returns what it
+wrote and printed.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,30 +58,56 @@ def out_dir(tmp_path: Path) -> Path:
 
 @dataclass
 class ScriptRun:
-    """What one ``main([...])`` call produced."""
+    """What one run of a script produced."""
 
     out_dir: Path
     results: dict
     pngs: list[Path]
+    stdout: str
+    stderr: str
+
+
+_RUNS: dict[tuple, ScriptRun] = {}
 
 
 @pytest.fixture
-def run_main(out_dir: Path) -> Callable[..., ScriptRun]:
-    """Run ``module.main(["--quick", "--no-show", "--out", out_dir, *extra])``.
+def run_main(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., ScriptRun]:
+    """Run a script the way a learner does: ``python <script>.py --quick --no-show --out DIR``.
 
-    Returns the parsed ``results.json`` and the PNG files written, so a smoke test can check
-    both the expected keys and that every figure was saved.
+    It runs in a fresh Python process (so the check for warnings and for a headless backend is
+    real), on the CPU, at most once per test session for the same arguments: the per-script
+    smoke tests and the house-wide tests share the run. Returns the parsed ``results.json``, the
+    PNG files written, and what the script printed.
     """
 
     def _run(module: ModuleType, *extra: str, quick: bool = True) -> ScriptRun:
-        argv = ["--no-show", "--out", str(out_dir), "--device", "cpu", *extra]
-        if quick:
-            argv.insert(0, "--quick")
-        module.main(argv)
-        results_path = out_dir / "results.json"
-        assert results_path.is_file(), f"{module.__name__}.main did not write results.json"
-        results = json.loads(results_path.read_text())
-        pngs = sorted(out_dir.glob("*.png"))
-        return ScriptRun(out_dir=out_dir, results=results, pngs=pngs)
+        key = (module.__name__, extra, quick)
+        if key not in _RUNS:
+            out = tmp_path_factory.mktemp(module.__name__)
+            argv = ["--no-show", "--out", str(out), "--device", "cpu", *extra]
+            if quick:
+                argv.insert(0, "--quick")
+            env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
+            proc = subprocess.run(
+                [sys.executable, str(Path(module.__file__)), *argv],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=300,
+                check=False,
+            )
+            assert proc.returncode == 0, (
+                f"{module.__name__} {' '.join(argv)} exited {proc.returncode}:\n{proc.stderr}"
+            )
+            results_path = out / "results.json"
+            assert results_path.is_file(), f"{module.__name__} did not write results.json"
+            _RUNS[key] = ScriptRun(
+                out_dir=out,
+                results=json.loads(results_path.read_text()),
+                pngs=sorted(out.glob("*.png")),
+                stdout=proc.stdout,
+                stderr=proc.stderr,
+            )
+        return _RUNS[key]
 
     return _run
