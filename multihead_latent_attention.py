@@ -260,7 +260,7 @@ def apply_rope_interleaved(x, cos, sin):
 
 
 def causal_mask(q_len: int, kv_len: int, device=None) -> torch.Tensor:
-    """(q_len, kv_len) bool, True where query i (absolute position kv_len - q_len + i) may see key j."""  # noqa: E501
+    """(q_len, kv_len) bool: True where query i (at position kv_len - q_len + i) sees key j."""
     return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
 
 
@@ -663,7 +663,8 @@ def median_time_s(fn, min_run_time: float = 0.2) -> float:
         from torch.utils import benchmark
     finally:
         cpp_logger.setLevel(level)
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
+    # All of this process's threads (the Timer's default is one), as the model would really run.
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 

@@ -675,7 +675,8 @@ def median_time_s(fn, min_run_time: float = 0.2) -> float:
         from torch.utils import benchmark
     finally:
         cpp_logger.setLevel(level)
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
+    # All of this process's threads (the Timer's default is one), as the model would really run.
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 

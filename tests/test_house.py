@@ -11,11 +11,7 @@
 from __future__ import annotations
 
 import importlib
-import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,58 +26,15 @@ SCRIPTS = [
 ]
 SHARED_FLAGS = ["--quick", "--out", "--no-show", "--device", "--seed"]
 
-# Runs in a fresh interpreter inside an empty folder: import the script, then look for work done.
-IMPORT_PROBE = """
-import io, json, os, sys, contextlib
-import torch, numpy, matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-rng_before = torch.random.get_rng_state().clone()
-np_before = numpy.random.get_state()[1].copy()
-printed = io.StringIO()
-with contextlib.redirect_stdout(printed):
-    module = __import__(sys.argv[1])
-report = {
-    "printed": printed.getvalue(),
-    "figures": plt.get_fignums(),
-    "files": sorted(os.listdir(".")),
-    "torch_rng_unchanged": bool(torch.equal(rng_before, torch.random.get_rng_state())),
-    "numpy_rng_unchanged": bool((np_before == numpy.random.get_state()[1]).all()),
-    "has_main": callable(getattr(module, "main", None)),
-}
-with contextlib.redirect_stdout(io.StringIO()) as help_text:
-    try:
-        module.main(["--help"])
-    except SystemExit as exit:
-        report["help_exit"] = exit.code
-report["help"] = help_text.getvalue()
-print(json.dumps(report))
-"""
-
-
-def _probe(stem: str, cwd: Path) -> dict:
-    proc = subprocess.run(
-        [sys.executable, "-c", IMPORT_PROBE, stem],
-        cwd=cwd,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
 
 @pytest.mark.parametrize("stem", SCRIPTS)
-def test_import_does_no_work_and_help_lists_shared_flags(stem, tmp_path):
-    report = _probe(stem, tmp_path)
+def test_import_does_no_work_and_help_lists_shared_flags(stem, run_main):
+    report = run_main(importlib.import_module(stem)).import_report
     assert report["printed"] == ""
     assert report["figures"] == []
     assert report["files"] == []
     assert report["torch_rng_unchanged"]
     assert report["numpy_rng_unchanged"]
-    assert report["has_main"]
     assert report["help_exit"] == 0
     for flag in SHARED_FLAGS:
         assert flag in report["help"], f"{stem} --help does not list {flag}"
