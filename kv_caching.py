@@ -104,7 +104,7 @@ class GPTConfig:
     """Shape of a GPT-2-style model. The defaults are the demo size used by the benchmark."""
 
     vocab_size: int = 4096
-    max_seq_len: int = 512
+    max_seq_len: int = 1024
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 4
@@ -827,6 +827,8 @@ REAL_MODELS = [
         n_kv_heads=32,
         head_dim=128,
         max_context=4096,
+        vocab_size=32000,  # also used for its weight count in ``concat_cost_analysis``
+        intermediate_size=11008,
         source="meta-llama/Llama-2-7b-hf config.json; Touvron et al. 2023, arXiv 2307.09288",
     ),
     dict(
@@ -914,6 +916,80 @@ def real_model_cache_table(bytes_per_element: int = 2) -> dict:
     return {"bytes_per_element": bytes_per_element, "contexts": list(CONTEXTS), "rows": rows}
 
 
+def llama_param_count(m: dict) -> int:
+    """Parameters of a Llama-2-style model from its config (untied embedding and LM head).
+
+    Per layer: q, o (d x d), k, v (d x n_kv_heads * head_dim), gate, up, down (d x ffn) and two
+    RMSNorm weights; plus the embedding, the LM head and the final norm.
+    """
+    d, ffn, kv = (
+        m["n_heads"] * m["head_dim"],
+        m["intermediate_size"],
+        m["n_kv_heads"] * m["head_dim"],
+    )
+    per_layer = 2 * d * d + 2 * d * kv + 3 * d * ffn + 2 * d
+    return 2 * m["vocab_size"] * d + m["n_layers"] * per_layer + d
+
+
+@torch.inference_mode()
+def concat_cost_analysis(model: GPT, bench: dict, min_run_time: float) -> dict:
+    """What the concat cache pays on top of the static one at the longest measured context.
+
+    At position p a concat step copies the old prefix of K and V of every layer into a new tensor:
+    ``kv_cache_bytes(n_layers, 1, n_heads, p, head_dim, width)`` bytes read and as many written,
+    where the static cache writes one token in place. Both cache updates are timed alone (all
+    layers); their difference, next to the static step, predicts the concat/static step ratio.
+    For scale, the same copy for Llama-2-7B in bf16 at 4K and 32K tokens: a decode step that is
+    bound by memory traffic reads weights + cache with a static cache, and 2 x cache more with
+    concat, so concat/static ~ 1 + 2 cache / (weights + cache).
+    """
+    c = model.config
+    p = bench["positions"][-1]
+    weight = model.lm_head.weight
+    new = torch.randn(1, c.n_heads, 1, c.head_dim, dtype=weight.dtype, device=weight.device)
+    prefix = torch.randn(1, c.n_heads, p, c.head_dim, dtype=weight.dtype, device=weight.device)
+    update_s = {}
+    for kind in ("concat", "static"):
+        caches = model.make_cache(1, kind, p + 1)
+        for layer in caches:
+            layer.update(prefix, prefix, 0)
+
+        def update_all(caches=caches):
+            for layer in caches:
+                layer.update(new, new, p)  # rewrites position p: the same work every call
+
+        update_s[kind] = median_time_s(update_all, min_run_time)
+    static_step_ms = bench["step_ms"]["static"][-1]
+    extra_ms = 1e3 * (update_s["concat"] - update_s["static"])
+    llama = next(m for m in REAL_MODELS if m["name"] == "Llama-2-7B")
+    weight_bytes = 2 * llama_param_count(llama)  # bf16
+    projection = []
+    for n in (4096, 32768):
+        cache = kv_cache_bytes(llama["n_layers"], 1, llama["n_kv_heads"], n, llama["head_dim"], 2)
+        projection.append(
+            {
+                "context": n,
+                "cache_bytes": cache,
+                "bytes_copied_per_step": cache,
+                "memory_bound_concat_vs_static_ratio": 1 + 2 * cache / (weight_bytes + cache),
+            }
+        )
+    return {
+        "position": p,
+        "bytes_copied_per_step": kv_cache_bytes(
+            c.n_layers, 1, c.n_heads, p, c.head_dim, weight.element_size()
+        ),
+        "update_ms": {kind: 1e3 * t for kind, t in update_s.items()},
+        "extra_ms": extra_ms,
+        "static_step_ms": static_step_ms,
+        "extra_vs_static_step_ratio": extra_ms / static_step_ms,
+        "predicted_concat_vs_static_ratio": 1 + extra_ms / static_step_ms,
+        "measured_concat_vs_static_ratio": bench["step_ms"]["concat"][-1] / static_step_ms,
+        "llama_2_7b_weight_bytes": weight_bytes,
+        "llama_2_7b": projection,
+    }
+
+
 def copy_bandwidth_gb_per_s(n_bytes: int, device: torch.device, min_run_time: float) -> float:
     """This machine's memory bandwidth: copying n_bytes reads n_bytes and writes n_bytes.
 
@@ -925,11 +1001,55 @@ def copy_bandwidth_gb_per_s(n_bytes: int, device: torch.device, min_run_time: fl
     return 2 * n_bytes / median_time_s(lambda: dst.copy_(src), min_run_time) / 1e9
 
 
+def matvec_bandwidth_gb_per_s(n_bytes: int, device: torch.device, min_run_time: float) -> float:
+    """Bytes of an fp32 (rows, 4096) matrix read per second by one matrix-vector product.
+
+    A batch-1 decode step is made of exactly this (every Linear sees one token), so this is the
+    most a decode step can hope for on this machine, usually a little below the copy bandwidth.
+    """
+    cols = 4096
+    weight = torch.ones(n_bytes // (4 * cols), cols, device=device)
+    x = torch.ones(cols, device=device)
+    return weight.numel() * 4 / median_time_s(lambda: weight @ x, min_run_time) / 1e9
+
+
 def matmul_flops_per_s(device: torch.device, n: int, min_run_time: float) -> float:
     """This machine's fp32 matmul throughput on an (n, n) @ (n, n) product (2 n^3 FLOPs)."""
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
     return 2 * n**3 / median_time_s(lambda: a @ b, min_run_time)
+
+
+def tiny_widths(config: GPTConfig) -> GPTConfig:
+    """Same layers, heads and operators, but head_dim 2 and an 8-token vocabulary.
+
+    A decode step of this model reads almost no bytes and does almost no arithmetic, so its time
+    is what every step pays regardless of width: Python, operator dispatch, small-kernel calls.
+    It is a lower bound on that fixed cost (a wide model's kernels may take slower paths).
+    """
+    return replace(config, vocab_size=8, d_model=2 * config.n_heads)
+
+
+MAIN_COSTS = {
+    "overhead": "per-operator overhead (Python and operator dispatch)",
+    "memory": "memory traffic (reading the weights and the cache)",
+    "arithmetic": "arithmetic (matmul FLOPs)",
+}
+
+
+def main_decode_cost(
+    step_s: float, overhead_s: float, memory_floor_s: float, compute_floor_s: float
+) -> str:
+    """Name what most of a measured decode step is spent on (a key of ``MAIN_COSTS``).
+
+    The step is split into the measured fixed overhead (``tiny_widths`` model) and the rest,
+    which grows with the widths. If the overhead is at least half the step, it is the main cost.
+    Otherwise the rest is spent moving bytes or doing FLOPs, and the larger of the two floors
+    (bytes / copy bandwidth, FLOPs / matmul throughput) says which one the hardware limits.
+    """
+    if overhead_s >= 0.5 * step_s:
+        return "overhead"
+    return "memory" if memory_floor_s >= compute_floor_s else "arithmetic"
 
 
 @torch.inference_mode()
@@ -940,38 +1060,43 @@ def bandwidth_analysis(
 
     bytes_read = weight bytes (tied embedding counted once) + cache bytes for context_len + 1
     tokens; achieved GB/s = bytes_read / step time; utilisation = achieved / copy bandwidth
-    (model bandwidth utilisation, Pope et al. 2022). The step time is also compared with two
-    lower bounds, bytes / copy bandwidth and FLOPs / matmul throughput: when it is far above
-    both, neither memory nor arithmetic is the main cost but per-operator overhead (Python,
-    dispatch, small-kernel launches), which is what a tiny model on a CPU shows.
+    (model bandwidth utilisation, Pope et al. 2022), and also / matrix-vector bandwidth, the
+    operation decode is made of. To name the main cost honestly, the step is compared with
+    three measured quantities: the step of the same model at tiny widths (``tiny_widths``: the
+    fixed per-operator overhead), bytes / copy bandwidth (memory floor) and FLOPs / matmul
+    throughput (arithmetic floor); ``main_decode_cost`` turns them into a label.
     """
     device = next(iter(models.values())).lm_head.weight.device
     copy_gbs = copy_bandwidth_gb_per_s(copy_bytes, device, min_run_time)
+    matvec_gbs = matvec_bandwidth_gb_per_s(copy_bytes, device, min_run_time)
     flops_per_s = matmul_flops_per_s(device, 1024, min_run_time)
     gen = torch.Generator().manual_seed(seed)
+
+    def step_time_s(model: GPT) -> float:
+        ids = torch.randint(model.config.vocab_size, (1, context_len + 1), generator=gen)
+        ids = ids.to(device)
+        cache = model.make_cache(1, "static", context_len + 1)
+        model(ids[:, :context_len], cache, start_pos=0)
+        return median_time_s(
+            lambda: model(ids[:, -1:], cache, start_pos=context_len, last_only=True),
+            min_run_time,
+        )
+
     rows = []
     for name, model in models.items():
         c = model.config
-        ids = torch.randint(c.vocab_size, (1, context_len + 1), generator=gen).to(device)
-        cache = model.make_cache(1, "static", context_len + 1)
-        model(ids[:, :context_len], cache, start_pos=0)
-        step_s = median_time_s(
-            lambda m=model, k=cache, i=ids: m(i[:, -1:], k, start_pos=context_len, last_only=True),
-            min_run_time,
-        )
+        step_s = step_time_s(model)
+        overhead_s = step_time_s(GPT(tiny_widths(c)).to(device).eval())
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         width = model.lm_head.weight.element_size()
         cache_bytes = kv_cache_bytes(c.n_layers, 1, c.n_heads, context_len + 1, c.head_dim, width)
         bytes_read = weight_bytes + cache_bytes
         achieved = bytes_read / step_s / 1e9
-        memory_bound_s = bytes_read / (copy_gbs * 1e9)
-        compute_bound_s = decode_step_flops(c, context_len + 1, use_cache=True) / flops_per_s
-        if step_s > 2 * max(memory_bound_s, compute_bound_s):
-            main_cost = "per-operator overhead (Python and kernel dispatch), not memory or FLOPs"
-        elif memory_bound_s >= compute_bound_s:
-            main_cost = "memory bandwidth (reading the weights and the cache)"
-        else:
-            main_cost = "arithmetic (matmul FLOPs)"
+        memory_floor_s = bytes_read / (copy_gbs * 1e9)
+        compute_floor_s = decode_step_flops(c, context_len + 1, use_cache=True) / flops_per_s
+        cost = main_decode_cost(step_s, overhead_s, memory_floor_s, compute_floor_s)
+        # The bytes over the part of the step that the fixed overhead does not explain.
+        beyond_gbs = bytes_read / max(step_s - overhead_s, 1e-9) / 1e9
         rows.append(
             {
                 "name": name,
@@ -982,15 +1107,23 @@ def bandwidth_analysis(
                 "step_ms": 1e3 * step_s,
                 "achieved_gb_per_s": achieved,
                 "bandwidth_utilisation_ratio": achieved / copy_gbs,
-                "memory_bound_ms": 1e3 * memory_bound_s,
-                "compute_bound_ms": 1e3 * compute_bound_s,
-                "main_cost": main_cost,
+                "matvec_utilisation_ratio": achieved / matvec_gbs,
+                "overhead_ms": 1e3 * overhead_s,
+                "overhead_share_ratio": overhead_s / step_s,
+                "beyond_overhead_ms": 1e3 * (step_s - overhead_s),
+                "beyond_overhead_gb_per_s": beyond_gbs,
+                "beyond_overhead_matvec_ratio": beyond_gbs / matvec_gbs,
+                "memory_floor_ms": 1e3 * memory_floor_s,
+                "compute_floor_ms": 1e3 * compute_floor_s,
+                "main_cost_kind": cost,
+                "main_cost": MAIN_COSTS[cost],
             }
         )
     return {
         "context_len": context_len,
         "copy_bytes": copy_bytes,
         "copy_bandwidth_gb_per_s": copy_gbs,
+        "matvec_bandwidth_gb_per_s": matvec_gbs,
         "matmul_gflops_per_s": flops_per_s / 1e9,
         "models": rows,
     }
@@ -1096,6 +1229,8 @@ def plot_decode_latency(bench: dict, scaling: dict) -> plt.Figure:
     ax.set_yscale("log")
     ax.set_xticks(scaling["kv_lens"], [str(n) for n in scaling["kv_lens"]])
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    for set_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        set_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False))  # 20, not 2 x 10^1
     ax.set_xlabel("context length at this step (tokens, log scale)")
     ax.set_ylabel("time per decode step (ms, log scale)")
     ax.set_title("Without a cache each step grows with the context;\nwith a cache it stays flat")
@@ -1328,11 +1463,11 @@ SIZES = {
     "default": dict(
         config=GPTConfig(),
         prompt_len=16,
-        total_len=512,
+        total_len=1024,
         n_points=8,
         correctness_tokens=64,
         min_run_time=0.2,
-        memory_lengths=[64, 128, 256, 512],
+        memory_lengths=[128, 256, 512, 1024],
         copy_bytes=256 * 2**20,
         bandwidth_context=128,
         big=("GPT-2 small shape (124M)", gpt2()),
@@ -1395,6 +1530,32 @@ def print_decode(b: dict, s: dict) -> None:
     )
 
 
+def print_concat_cost(cc: dict) -> None:
+    print(
+        f"  concat's extra work at context {cc['position'] + 1}: each step copies "
+        f"{cc['bytes_copied_per_step'] / 2**20:.1f} MiB of cached K, V into new tensors"
+    )
+    print(
+        f"    cache updates alone: concat {cc['update_ms']['concat']:.3f} ms, static "
+        f"{cc['update_ms']['static']:.3f} ms, difference {cc['extra_ms']:+.3f} ms = "
+        f"{100 * cc['extra_vs_static_step_ratio']:.0f}% of the {cc['static_step_ms']:.2f} ms step"
+    )
+    print(
+        f"    so concat/static should be {cc['predicted_concat_vs_static_ratio']:.2f}x; "
+        f"measured {cc['measured_concat_vs_static_ratio']:.2f}x"
+    )
+    gib = 2**30
+    print(
+        f"    at scale: Llama-2-7B, bf16, {cc['llama_2_7b_weight_bytes'] / gib:.1f} GiB of weights:"
+    )
+    for r in cc["llama_2_7b"]:
+        print(
+            f"      {r['context'] // 1024:3d}K tokens: copies "
+            f"{r['bytes_copied_per_step'] / gib:4.1f} GiB per step -> memory-bound concat/static "
+            f"{r['memory_bound_concat_vs_static_ratio']:.2f}x"
+        )
+
+
 def print_memory(mem: dict, real: dict) -> None:
     print(f"  {'dtype':>8s} {'tokens':>7s} {'static':>10s} {'concat':>10s} {'formula':>10s}")
     for r in mem["rows"]:
@@ -1422,21 +1583,31 @@ def print_memory(mem: dict, real: dict) -> None:
 
 def print_bandwidth(bw: dict) -> None:
     print(
-        f"  copy bandwidth (copying {bw['copy_bytes'] / 2**20:.0f} MiB): "
-        f"{bw['copy_bandwidth_gb_per_s']:.1f} GB/s; matmul: {bw['matmul_gflops_per_s']:.1f} "
-        f"GFLOP/s"
+        f"  this machine: copy {bw['copy_bandwidth_gb_per_s']:.1f} GB/s (copying "
+        f"{bw['copy_bytes'] / 2**20:.0f} MiB), matrix-vector product "
+        f"{bw['matvec_bandwidth_gb_per_s']:.1f} GB/s, "
+        f"matmul {bw['matmul_gflops_per_s']:.1f} GFLOP/s"
     )
     for r in bw["models"]:
         print(
             f"  {r['name']}: reads {r['bytes_read_per_step'] / 2**20:.1f} MiB per step "
             f"({r['weight_bytes'] / 2**20:.1f} weights + {r['cache_bytes'] / 2**20:.2f} cache) "
             f"in {r['step_ms']:.2f} ms = {r['achieved_gb_per_s']:.1f} GB/s, "
-            f"{100 * r['bandwidth_utilisation_ratio']:.0f}% of copy bandwidth"
+            f"{100 * r['bandwidth_utilisation_ratio']:.0f}% of copy and "
+            f"{100 * r['matvec_utilisation_ratio']:.0f}% of matvec bandwidth"
         )
         print(
-            f"    lower bounds: memory {r['memory_bound_ms']:.2f} ms, arithmetic "
-            f"{r['compute_bound_ms']:.2f} ms -> main cost: {r['main_cost']}"
+            f"    same operators at tiny widths: {r['overhead_ms']:.2f} ms "
+            f"({100 * r['overhead_share_ratio']:.0f}% of the step); floors: memory "
+            f"{r['memory_floor_ms']:.2f} ms, arithmetic {r['compute_floor_ms']:.2f} ms"
         )
+        print(f"    -> main cost: {r['main_cost']}")
+        if r["main_cost_kind"] != "overhead":
+            print(
+                f"       the other {r['beyond_overhead_ms']:.2f} ms move the bytes at "
+                f"{r['beyond_overhead_gb_per_s']:.1f} GB/s, "
+                f"{100 * r['beyond_overhead_matvec_ratio']:.0f}% of the matvec bandwidth"
+            )
 
 
 def print_hf_demo(hf: dict) -> None:
@@ -1457,8 +1628,10 @@ def print_goals(g: dict) -> None:
         f"(>= 10x: {g['static_at_least_10x_faster']}); last/first static step "
         f"{g['static_last_vs_first_step_ratio']:.2f}x (<= 1.5x: "
         f"{g['static_nearly_flat_within_1_5x']}); concat/static at the longest "
-        f"{g['concat_vs_static_at_longest_ratio']:.2f}x; bandwidth utilisation "
-        f"{100 * g['bandwidth_utilisation_ratio']:.0f}% ({g['bandwidth_model']})"
+        f"{g['concat_vs_static_at_longest_ratio']:.2f}x (static no slower: "
+        f"{g['static_no_slower_than_concat_at_longest']}); bandwidth utilisation "
+        f"{100 * g['bandwidth_utilisation_ratio']:.0f}% ({g['bandwidth_model']}, main cost: "
+        f"{g['main_cost']})"
     )
 
 
@@ -1503,6 +1676,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     s = results["scaling"] = scaling_analysis(config, b)
     print_decode(b, s)
+    results["concat_cost"] = concat_cost_analysis(model, b, size["min_run_time"])
+    print_concat_cost(results["concat_cost"])
 
     print(f"[3/{n_stages}] measuring cache memory ...")
     results["memory"] = measure_memory(config, size["memory_lengths"])

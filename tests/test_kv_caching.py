@@ -234,6 +234,62 @@ def test_weight_bytes_count_the_tied_head_once():
     assert sum(p.numel() for p in GPT(CFG).parameters()) == expected
 
 
+def test_concat_cost_counts_the_bytes_a_concat_step_copies(model):
+    positions = [3, 9, 20]
+    bench = {"positions": positions, "step_ms": {"static": [1.0] * 3, "concat": [1.0, 1.0, 1.5]}}
+    cc = kv.concat_cost_analysis(model, bench, min_run_time=0.01)
+    # The old prefix a concat step re-copies is exactly what a concat cache holding 20 tokens holds.
+    caches = model.make_cache(1, "concat")
+    with torch.no_grad():
+        model(prompt_ids(length=20), caches)
+    assert cc["bytes_copied_per_step"] == sum(c.nbytes for c in caches)
+    assert cc["measured_concat_vs_static_ratio"] == pytest.approx(1.5)
+    assert cc["predicted_concat_vs_static_ratio"] == pytest.approx(1 + cc["extra_ms"] / 1.0)
+    # Llama-2-7B config.json: 32 layers x 32 KV heads x 128 dims, K and V, bf16, at 32K tokens.
+    at_32k = cc["llama_2_7b"][1]
+    assert at_32k["bytes_copied_per_step"] == 2 * 32 * 32 * 128 * 2 * 32768
+    weights = cc["llama_2_7b_weight_bytes"]
+    expected = 1 + 2 * at_32k["cache_bytes"] / (weights + at_32k["cache_bytes"])
+    assert at_32k["memory_bound_concat_vs_static_ratio"] == pytest.approx(expected)
+    assert at_32k["memory_bound_concat_vs_static_ratio"] > 2  # the cache outweighs the weights
+
+
+def test_llama_param_count_matches_transformers():
+    transformers = pytest.importorskip("transformers")
+    m = next(r for r in kv.REAL_MODELS if r["name"] == "Llama-2-7B")
+    config = transformers.LlamaConfig(
+        vocab_size=m["vocab_size"],
+        hidden_size=m["n_heads"] * m["head_dim"],
+        intermediate_size=m["intermediate_size"],
+        num_hidden_layers=m["n_layers"],
+        num_attention_heads=m["n_heads"],
+        num_key_value_heads=m["n_kv_heads"],
+        tie_word_embeddings=False,
+    )
+    with torch.device("meta"):  # shapes only, no memory
+        hf = transformers.LlamaForCausalLM(config)
+    assert kv.llama_param_count(m) == sum(p.numel() for p in hf.parameters())
+
+
+def test_tiny_widths_keep_every_operator():
+    tiny = kv.tiny_widths(CFG)
+    assert (tiny.n_layers, tiny.n_heads, tiny.head_dim) == (CFG.n_layers, CFG.n_heads, 2)
+    names = [n for n, _ in GPT(CFG).named_parameters()]
+    assert [n for n, _ in GPT(tiny).named_parameters()] == names  # same modules, same order
+
+
+@pytest.mark.parametrize(
+    ("step", "overhead", "memory", "compute", "expected"),
+    [
+        (10.0, 6.0, 1.0, 0.1, "overhead"),  # most of the step is there at tiny widths too
+        (42.0, 6.0, 20.0, 3.0, "memory"),  # GPT-2-small-like: the width-dependent part wins
+        (42.0, 6.0, 3.0, 20.0, "arithmetic"),
+    ],
+)
+def test_main_decode_cost_follows_the_measurements(step, overhead, memory, compute, expected):
+    assert kv.main_decode_cost(step, overhead, memory, compute) == expected
+
+
 # ----- FLOPs and scaling ----------------------------------------------------------------------
 
 
@@ -419,6 +475,7 @@ def test_main_quick_smoke(run_main):
         "correctness",
         "decode",
         "scaling",
+        "concat_cost",
         "memory",
         "real_models",
         "bandwidth",
@@ -445,7 +502,13 @@ def test_main_quick_smoke(run_main):
         "bandwidth_utilisation_ratio",
         "main_cost",
     }
-    bw = r["bandwidth"]["models"][0]
-    assert bw["bytes_read_per_step"] == bw["weight_bytes"] + bw["cache_bytes"]
+    for bw in r["bandwidth"]["models"]:
+        assert bw["bytes_read_per_step"] == bw["weight_bytes"] + bw["cache_bytes"]
+        assert bw["main_cost"] == kv.MAIN_COSTS[bw["main_cost_kind"]]
+        assert bw["main_cost_kind"] == kv.main_decode_cost(
+            bw["step_ms"], bw["overhead_ms"], bw["memory_floor_ms"], bw["compute_floor_ms"]
+        )
+    assert r["bandwidth"]["matvec_bandwidth_gb_per_s"] > 0
+    assert r["concat_cost"]["position"] == r["decode"]["positions"][-1]
     assert r["hf_demo"]["available"] is False
     assert math.isfinite(r["goals"]["bandwidth_utilisation_ratio"])
