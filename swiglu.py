@@ -72,7 +72,11 @@ The experiments
    (their embeddings are summed, so without an FFN the model stays far from the optimum), and
    its best possible loss (the table's entropy) is known exactly, so the loss above that floor
    is what each FFN failed to learn. The loss is evaluated exactly over all contexts (no
-   sampling noise); seeds change the initialisation and the sampled data.
+   sampling noise); seeds change the initialisation and the sampled data. Every variant gets
+   the same optimiser (Adam, lr 1e-2 with cosine decay), not tuned per variant. "Better than
+   ReLU on every seed" means its worst seed ends below ReLU's best seed; with no real
+   difference that happens by chance with probability 1 / C(2n, n) for n seeds each (0.05 for
+   the default 3), which the script prints next to the verdict.
    Why it can differ from Shazeer (T5-base, 65k steps, C4 span corruption): a tiny model,
    hundreds of steps (early-training speed, not the converged quality), no attention, and a
    task made of pure pairwise interactions, where any multiplicative unit (even Bilinear, with
@@ -82,7 +86,7 @@ The experiments
 Run it
 ------
     uv run python swiglu.py              # default sizes (about 1-2 min on a 2-core CPU)
-    uv run python swiglu.py --quick      # small sizes, about 15 s
+    uv run python swiglu.py --quick      # small sizes, a few seconds after the imports
     uv run python swiglu.py --out DIR --no-show --device cpu --seed 0 --seeds 5 --steps 1000
 
 It prints each check and measurement, saves every figure as PNG and every printed number in
@@ -586,15 +590,22 @@ def measured_matmul_flops(module: nn.Module, x: torch.Tensor) -> int:
 
 
 def param_matched_table(
-    d_model: int, n_tokens: int, device, min_run_time: float, rounds: int = 2
+    d_model: int,
+    n_tokens: int,
+    device,
+    min_run_time: float,
+    rounds: int = 2,
+    variants: tuple[str, ...] = VARIANTS,
 ) -> dict:
-    """Every FFN variant at the matched hidden size: params and FLOPs (formula and measured),
+    """FFN variants at the matched hidden size: params and FLOPs (formula and measured),
     forward and forward+backward time, all as ratios to the ReLU FFN (hidden 4 d)."""
+    if "relu" not in variants:
+        raise ValueError(f"variants ({variants!r}) must include 'relu', the baseline")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, n_tokens, d_model, generator=g).to(device)  # (batch, seq_len, d_model)
     grad_out = torch.randn(1, n_tokens, d_model, generator=g).to(device)
     rows, timed = {}, {}
-    for variant in VARIANTS:
+    for variant in variants:
         gated = variant in GATED
         hidden = matched_hidden_dim(d_model, variant)
         ffn = make_ffn(variant, d_model, hidden).to(device)
@@ -606,7 +617,9 @@ def param_matched_table(
 
         def forward_backward(ffn=ffn):
             ffn.zero_grad(set_to_none=True)
-            ffn(x).backward(grad_out)
+            # = ffn(x).backward(grad_out), whose explicit gradient argument makes torch import
+            # sympy (~2 s) on first use; the extra multiply-sum is d FLOPs per token.
+            (ffn(x) * grad_out).sum().backward()
 
         timed[variant] = (forward, forward_backward)
         rows[variant] = {
@@ -653,8 +666,10 @@ def _unit_stats(model: ResidualFFNStack) -> tuple[float, float]:
     """(dead-unit fraction, zero-derivative fraction) over all layers, after a backward pass.
 
     dead unit: a hidden unit whose input row in the first projection (up_proj ungated,
-    gate_proj gated) got exactly zero gradient from every input: it cannot learn.
-    zero derivative: a (token, unit) pair where act'(pre-activation) is exactly 0.
+    gate_proj gated) gets exactly zero gradient from the loss over *every* input of the task
+    (population_backward): the gradient can no longer move it; it revives only if the inputs
+    it sees change. For ReLU that means a <= 0 for every input.
+    zero derivative: an (input, unit) pair where act'(pre-activation) is exactly 0.
     """
     dead, units, zero_deriv, pairs = 0, 0, 0, 0
     for ffn, x in zip(model.layers, model.layer_inputs, strict=True):
@@ -693,10 +708,41 @@ def population_backward(model: ResidualFFNStack, task: PairTask, device) -> floa
     return float(loss.detach())
 
 
+class Adam:
+    """Adam (Kingma & Ba 2014, arXiv 1412.6980, algorithm 1), written out; equal to
+    ``torch.optim.Adam`` (tests/test_swiglu.py). Why not torch.optim: its first use imports
+    torch._dynamo, about 4 s of CPU, more than the whole --quick run may take.
+
+        m <- b1 m + (1 - b1) g        v <- b2 v + (1 - b2) g^2
+        p <- p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+    """
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
+        self.params = list(params)
+        self.lr, self.betas, self.eps, self.t = lr, betas, eps, 0
+        self.m = [torch.zeros_like(p) for p in self.params]  # first moment
+        self.v = [torch.zeros_like(p) for p in self.params]  # second moment
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        for p, m, v in zip(self.params, self.m, self.v, strict=True):
+            m.lerp_(p.grad, 1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            denom = (v / (1 - b2**self.t)).sqrt_().add_(self.eps)
+            p.addcdiv_(m, denom, value=-self.lr / (1 - b1**self.t))
+
+
+def cosine_lr(step: int, steps: int, lr: float) -> float:
+    """lr * (1 + cos(pi * step / steps)) / 2: from lr at step 0 down to 0 at the last step."""
+    return lr * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+
 def _train_step(model, task, optimizer, batch_size, generator, device):
     """One minibatch of sampled next tokens: cross-entropy and its gradients."""
     context, targets = task.sample(batch_size, generator)
-    optimizer.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
     logits = model(context.to(device))
     loss = F.cross_entropy(logits, targets.to(device))
     loss.backward()
@@ -719,22 +765,22 @@ def gradient_flow(
     generator = torch.Generator().manual_seed(seed)
     model = ResidualFFNStack(variant, task.vocab_size, task.context_len, d_model, n_layers)
     model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    optimizer = Adam(model.parameters(), lr=lr)
     out = {}
     for stage in ("init", "trained"):
         if stage == "trained":
             for _ in range(steps):
                 _train_step(model, task, optimizer, batch_size, generator, device)
                 optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
         population_backward(model, task, device)
         out[f"grad_norm_{stage}"] = _layer_grad_norms(model)
         dead, zero = _unit_stats(model)
         out[f"dead_unit_fraction_{stage}"] = dead
         out[f"zero_derivative_fraction_{stage}"] = zero
-    out["first_over_last_layer_grad_norm_init"] = (
-        out["grad_norm_init"][0] / out["grad_norm_init"][-1]
-    )
+    norms = out["grad_norm_init"]
+    out["first_over_last_layer_grad_norm_init"] = norms[0] / norms[-1]
+    out["max_over_min_layer_grad_norm_init"] = max(norms) / min(norms)
     return out
 
 
@@ -761,21 +807,22 @@ def train_compare(
         d_model,
         n_layers,
     ).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    # Cosine decay to 0: the final loss is then a property of the model, not of the step size.
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
-    )
+    optimizer = Adam(model.parameters(), lr=lr)
     eval_steps, losses = [0], [task.expected_loss(model, device)]
     for step in range(1, steps + 1):
+        # Cosine decay to 0: the final loss is then a property of the model, not of the step size.
+        optimizer.lr = cosine_lr(step - 1, steps, lr)
         _train_step(model, task, optimizer, batch_size, generator, device)
         optimizer.step()
-        schedule.step()
         if step % eval_every == 0 or step == steps:
             eval_steps.append(step)
             losses.append(task.expected_loss(model, device))
     ffn_params = sum(p.numel() for p in model.layers.parameters())
     return {"steps": eval_steps, "losses": losses, "ffn_params": ffn_params}
+
+
+# Shazeer 2020 (arXiv 2002.05202), table 1: log-perplexity on C4 after 65,536 steps, T5-base.
+SHAZEER_T5_BASE_LOG_PPL = {"relu": 1.997, "swiglu": 1.944}
 
 
 def training_comparison(
@@ -802,28 +849,27 @@ def training_comparison(
             ]
         curves = np.array([r["losses"] for r in runs])  # (n_seeds, n_evals)
         final = curves[:, -1]
+        ddof = 1 if len(seeds) > 1 else 0  # sample std (n - 1); 0 for a single seed
         variants[variant] = {
             "ffn_params": runs[0]["ffn_params"],
             "curve_mean": curves.mean(0).tolist(),
-            "curve_std": curves.std(0).tolist(),
+            "curve_std": curves.std(0, ddof=ddof).tolist(),
             "final_losses": final.tolist(),
             "final_loss_mean": float(final.mean()),
-            "final_loss_std": float(final.std()),
+            "final_loss_std": float(final.std(ddof=ddof)),
             "excess_loss_mean": float(final.mean() - task.entropy_floor),
         }
     ranked = sorted(VARIANTS, key=lambda v: variants[v]["final_loss_mean"])
     relu = variants["relu"]
-    # "Better beyond the seed spread": the mean + std of one is below the mean - std of ReLU.
-    beyond = [
+    # "Better than ReLU on every seed": its worst seed ends below ReLU's best seed. If the
+    # variant made no difference, all 2n final losses would be exchangeable and this complete
+    # separation would happen by chance with probability 1 / C(2n, n) (0.05 for 3 seeds each:
+    # the exact one-sided Mann-Whitney test), per comparison.
+    every_seed = [
         v
         for v in VARIANTS
-        if v != "relu"
-        and variants[v]["final_loss_mean"] + variants[v]["final_loss_std"]
-        < relu["final_loss_mean"] - relu["final_loss_std"]
+        if v != "relu" and max(variants[v]["final_losses"]) < min(relu["final_losses"])
     ]
-    best = variants[ranked[0]]
-    # Is the best FFN's lead over ReLU bigger than the seed-to-seed spread?
-    spread = math.sqrt(best["final_loss_std"] ** 2 + relu["final_loss_std"] ** 2)
     return {
         "task": {
             "name": "next token from a random table p(y | two previous tokens)",
@@ -842,12 +888,14 @@ def training_comparison(
         "eval_steps": runs[0]["steps"],
         "variants": variants,
         "ranking": ranked,
-        "better_than_relu_beyond_seed_spread": beyond,
-        "best_minus_relu_final_loss": best["final_loss_mean"] - relu["final_loss_mean"],
-        "best_minus_relu_over_seed_spread": (best["final_loss_mean"] - relu["final_loss_mean"])
-        / max(spread, 1e-12),
+        "better_than_relu_on_every_seed": every_seed,
+        "chance_of_every_seed_if_no_difference": 1 / math.comb(2 * len(seeds), len(seeds)),
+        "best_minus_relu_final_loss": variants[ranked[0]]["final_loss_mean"]
+        - relu["final_loss_mean"],
         "swiglu_minus_relu_final_loss": variants["swiglu"]["final_loss_mean"]
         - relu["final_loss_mean"],
+        "bilinear_minus_swiglu_final_loss": variants["bilinear"]["final_loss_mean"]
+        - variants["swiglu"]["final_loss_mean"],
     }
 
 
@@ -973,9 +1021,10 @@ def plot_grad_norms(flow: dict) -> plt.Figure:
         ax.set_title(f"Per-layer FFN gradient norm {when}")
     axes[0].set_ylabel("||dL/d(FFN params)||$_2$ (log scale)")
     axes[1].legend(fontsize=8, ncol=2)
+    spread = max(r["max_over_min_layer_grad_norm_init"] for r in flow["variants"].values())
     fig.suptitle(
-        f"Pre-norm residual stack of {flow['n_layers']} layers: at init each FFN's gradient is "
-        "the same at every depth (the residual stream carries it past each layer)"
+        f"{flow['n_layers']}-layer pre-norm residual stack: at init each FFN's per-layer "
+        f"gradient norms agree within {spread:.2f}x (nothing vanishes with depth)"
     )
     return fig
 
@@ -998,9 +1047,11 @@ def plot_dead_units(flow: dict) -> plt.Figure:
         ax.set_ylabel("fraction (%)")
         ax.set_title(title)
         ax.legend(fontsize=9)
+    dead = {v: 100 * r["dead_unit_fraction_trained"] for v, r in flow["variants"].items()}
+    others = max(d for v, d in dead.items() if v != "relu")
     fig.suptitle(
-        "Only ReLU-based units switch off: about half of ReLU derivatives are exactly 0; "
-        "smooth activations pass gradient (almost) everywhere"
+        f"Dead units after {flow['steps']} Adam steps: ReLU FFN {dead['relu']:.1f}%, "
+        f"every other FFN at most {others:.1f}%"
     )
     return fig
 
@@ -1112,7 +1163,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--steps",
         type=int,
         default=None,
-        help="training steps per run (default: 60 quick, 600 full)",
+        help="training steps per run (default: 30 quick, 600 full)",
     )
     return parser.parse_args(argv)
 
@@ -1125,15 +1176,17 @@ def _config(args: argparse.Namespace) -> dict:
             "bench_tokens": 128,
             "min_run_time": 0.02,
             "bench_rounds": 1,
+            "bench_variants": ("relu", "swiglu"),  # 4 timers, not 16
             "flow_d": 48,
-            "flow_layers": 8,
+            "flow_layers": 6,
             "flow_steps": 3,
             "train_d": 48,
             "train_layers": 2,
             "vocab": 16,
-            "steps": 60,
+            "steps": 30,
             "seeds": 2,
             "eval_every": 10,
+            "batch_size": 64,
         }
     else:
         cfg = {
@@ -1141,6 +1194,7 @@ def _config(args: argparse.Namespace) -> dict:
             "bench_tokens": 1024,
             "min_run_time": 0.2,
             "bench_rounds": 2,
+            "bench_variants": VARIANTS,
             "flow_d": 48,
             "flow_layers": 24,
             "flow_steps": 50,
@@ -1150,13 +1204,14 @@ def _config(args: argparse.Namespace) -> dict:
             "steps": 600,
             "seeds": 3,
             "eval_every": 25,
+            "batch_size": 256,
         }
     for key in ("steps", "seeds"):
         value = getattr(args, key)
         if value is not None:
             _check_positive_int(f"--{key}", value)
             cfg[key] = value
-    cfg.update(lr=1e-2, batch_size=256)
+    cfg["lr"] = 1e-2
     return cfg
 
 
@@ -1224,7 +1279,12 @@ def main(argv: list[str] | None = None) -> dict:
         f"{cfg['bench_tokens']} tokens, {device}) ..."
     )
     table = param_matched_table(
-        cfg["bench_d"], cfg["bench_tokens"], device, cfg["min_run_time"], cfg["bench_rounds"]
+        cfg["bench_d"],
+        cfg["bench_tokens"],
+        device,
+        cfg["min_run_time"],
+        cfg["bench_rounds"],
+        cfg["bench_variants"],
     )
     results["param_matched"] = table
     print(
@@ -1275,12 +1335,13 @@ def main(argv: list[str] | None = None) -> dict:
             )
     results["gradient_flow"] = flow
     print(
-        f"  {'FFN':<9} {'grad norm layer 1 / last':>24} {'zero-deriv init':>15} "
-        f"{'trained':>8} {'dead units init':>15} {'trained':>8}"
+        f"  {'FFN':<9} {'init grad norm: layer 1/last':>28} {'max/min':>7} "
+        f"{'zero-deriv init':>15} {'trained':>8} {'dead units init':>15} {'trained':>8}"
     )
     for variant, r in flow["variants"].items():
         print(
-            f"  {LABELS[variant]:<9} {r['first_over_last_layer_grad_norm_init']:>23.2f}x "
+            f"  {LABELS[variant]:<9} {r['first_over_last_layer_grad_norm_init']:>27.2f}x "
+            f"{r['max_over_min_layer_grad_norm_init']:>6.2f}x "
             f"{100 * r['zero_derivative_fraction_init']:>14.1f}% "
             f"{100 * r['zero_derivative_fraction_trained']:>7.1f}% "
             f"{100 * r['dead_unit_fraction_init']:>14.1f}% "
@@ -1315,15 +1376,25 @@ def main(argv: list[str] | None = None) -> dict:
             f"  {LABELS[variant]:<9} {r['ffn_params']:>10,} {r['final_loss_mean']:>11.4f} "
             f"+- {r['final_loss_std']:.4f} {r['excess_loss_mean']:>11.4f}"
         )
-    beyond = train["better_than_relu_beyond_seed_spread"]
+    every_seed = train["better_than_relu_on_every_seed"]
     print(
-        f"  better than ReLU beyond the seed spread (mean + std < ReLU mean - std): "
-        f"{', '.join(LABELS[v] for v in beyond) or 'none'}"
+        f"  better than ReLU on every seed (worst seed below ReLU's best; chance of that with no "
+        f"real difference {train['chance_of_every_seed_if_no_difference']:.3f} per variant): "
+        f"{', '.join(LABELS[v] for v in every_seed) or 'none'}"
     )
     print(
         f"  best: {LABELS[train['ranking'][0]]}, {train['best_minus_relu_final_loss']:+.4f} "
-        f"nats vs ReLU ({train['best_minus_relu_over_seed_spread']:+.1f} x the seed spread); "
-        f"SwiGLU - ReLU = {train['swiglu_minus_relu_final_loss']:+.4f} nats"
+        f"nats vs ReLU; SwiGLU - ReLU = {train['swiglu_minus_relu_final_loss']:+.4f} nats; "
+        f"Bilinear - SwiGLU = {train['bilinear_minus_swiglu_final_loss']:+.4f} nats"
+    )
+    paper = SHAZEER_T5_BASE_LOG_PPL
+    results["training"]["shazeer_t5_base_65k_log_perplexity"] = paper
+    swiglu_wins = "swiglu" in every_seed
+    print(
+        f"  Shazeer (T5-base, 65k steps): SwiGLU - ReLU = {paper['swiglu'] - paper['relu']:+.3f} "
+        f"log-perplexity. Here SwiGLU {'beats' if swiglu_wins else 'does not beat'} ReLU on "
+        f"every seed{', as in the paper' if swiglu_wins else ', unlike the paper'}; a small, "
+        "attention-free model on a pairwise task, so read it as what a gate buys here"
     )
 
     results["goals"] = {
@@ -1338,12 +1409,7 @@ def main(argv: list[str] | None = None) -> dict:
         ),
         "swiglu_fwd_bwd_ratio": table["rows"]["swiglu"]["fwd_bwd_ratio"],
         "swiglu_minus_relu_final_loss": train["swiglu_minus_relu_final_loss"],
-        "swiglu_beats_relu_beyond_seed_spread": bool(
-            train["variants"]["swiglu"]["final_loss_mean"]
-            + train["variants"]["swiglu"]["final_loss_std"]
-            < train["variants"]["relu"]["final_loss_mean"]
-            - train["variants"]["relu"]["final_loss_std"]
-        ),
+        "swiglu_beats_relu_on_every_seed": swiglu_wins,
     }
 
     print(f"[6/{n_stages}] drawing figures ...")
