@@ -38,11 +38,12 @@ Three ways for a group of query heads to read one KV head, all equal (tested):
 
 - ``repeat_kv``: ``k[:, :, None].expand(b, n_kv, group, T, d)`` is a view (stride 0 along the
   group), but the ``reshape`` to ``(b, n_heads, T, d)`` cannot be a view, so it allocates and
-  fills ``group`` copies of the cached keys, and again of the values, on every step: twice the
-  MHA cache size in temporary memory and traffic. Two exceptions, both measured: with
-  ``group == 1`` (MHA) there is nothing to repeat, and with ``n_kv_heads == 1`` (MQA) the
-  reshape only merges a size-1 dimension into the stride-0 one, so it stays a view. This is what
-  ``transformers``' eager attention and Meta's ``llama/model.py`` do.
+  fills ``group`` copies of the cached keys, and again of the values, on every step: a
+  temporary as large as the layer's whole MHA cache, written and then read again. Two
+  exceptions, both measured: with ``group == 1`` (MHA) there is nothing to repeat, and with
+  ``n_kv_heads == 1`` (MQA) the reshape only merges a size-1 dimension into the stride-0 one,
+  so it stays a view. This is what ``transformers``' eager attention and Meta's
+  ``llama/model.py`` do.
 - ``grouped``: view the queries as ``(b, n_kv, group, q_len, d)`` and fold the group into the
   query rows, ``(b, n_kv, group * q_len, d)``, so one matmul per KV head multiplies all of its
   query rows by the cached keys themselves. The keys and values are never copied. For a decode
@@ -59,7 +60,12 @@ Three ways for a group of query heads to read one KV head, all equal (tested):
 
 Memory is measured, not assumed: ``AllocationTracker`` watches every ATen operator while a step
 runs and records each new tensor storage it returns (bytes, operator) and the peak of the live
-total. A fused kernel's private scratch space, freed before it returns, is not seen.
+total. A fused kernel's private scratch space, freed before it returns, is not seen. It is built
+on torch's private ``TorchDispatchMode`` (the one hook that sees CPU allocations); if a future
+torch changes it, a self-check says so and the script runs on without the memory numbers.
+
+Decode times are medians over 3 rounds in which MHA, GQA and MQA are timed back to back, so one
+slow call or a burst of background load cannot set a ratio; the spread between rounds is printed.
 
 Where it is used
 ----------------
@@ -69,8 +75,8 @@ with a latent: see ``multihead_latent_attention.py``.)
 
 Run it
 ------
-    uv run python grouped_query_attention.py           # default sizes (under 1 min, 2-core CPU)
-    uv run python grouped_query_attention.py --quick   # small sizes, about 15 s
+    uv run python grouped_query_attention.py           # default sizes (about 1 min, 2-core CPU)
+    uv run python grouped_query_attention.py --quick   # small sizes, under 10 s
     uv run python grouped_query_attention.py --out DIR --no-show --device cpu --seed 0
 
 It prints each check and measurement, saves every figure as PNG and every printed number in
@@ -100,6 +106,7 @@ import json
 import logging
 import math
 import platform
+import statistics
 import textwrap
 import weakref
 from pathlib import Path
@@ -110,8 +117,19 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+
+# The one private torch API in this file. A TorchDispatchMode sees every ATen operator and the
+# tensors it returns, which is the only way to see what a step allocates on a CPU (torch.profiler's
+# memory events cost seconds of start-up and import torch._dynamo); torch's own FlopCounterMode is
+# built on it. It is used only by AllocationTracker and MatmulFlopCounter (section 2). If a future
+# torch moves it, those measurements are reported as skipped, with the reason, and the rest runs.
+try:
+    from torch.utils._python_dispatch import TorchDispatchMode
+except ImportError as err:  # a torch that moved it
+    TorchDispatchMode = object  # the classes below still define; dispatch_mode_problem() says why
+    _DISPATCH_IMPORT_ERROR = f"torch.utils._python_dispatch.TorchDispatchMode: {err}"
+else:
+    _DISPATCH_IMPORT_ERROR = ""
 
 # =============================================================================
 # 1. Implementation
@@ -546,13 +564,28 @@ def median_time_s(fn, min_run_time: float = 0.2) -> float:
 class _LightDispatchMode(TorchDispatchMode):
     """A TorchDispatchMode that does not wrap ``__torch_dispatch__`` in ``torch._dynamo.disable``.
 
-    Recent torch wraps every mode's ``__torch_dispatch__`` that way, which imports torch._dynamo
-    (seconds of CPU) on first use; nothing here is compiled, so the wrapper is not needed.
+    torch 2.15 wraps every mode's ``__torch_dispatch__`` that way unless the (private, documented
+    in its docstring as a rollout flag) classmethod ``_should_skip_dynamo`` returns False; the
+    wrapper imports torch._dynamo, about 4.5 s of CPU, on first use. Nothing here is compiled, so
+    it is not needed. If a later torch drops the flag this override is simply never called: the
+    counts stay right and only the first measurement gets slower.
     """
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
         return False
+
+
+def _tensors(obj):
+    """Every tensor inside nested tuples, lists and dicts (an operator's args or outputs)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors(item)
 
 
 class AllocationTracker(_LightDispatchMode):
@@ -583,14 +616,8 @@ class AllocationTracker(_LightDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.ops.append(str(func.overloadpacket.__name__))
-        inputs = {
-            t.untyped_storage().data_ptr()
-            for t in tree_leaves((args, kwargs))
-            if isinstance(t, torch.Tensor)
-        }
-        for t in tree_leaves(out):
-            if not isinstance(t, torch.Tensor):
-                continue
+        inputs = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs))}
+        for t in _tensors(out):
             storage = t.untyped_storage()
             ptr, nbytes = storage.data_ptr(), storage.nbytes()
             if ptr in self.live:  # a view of something allocated while tracking
@@ -608,12 +635,46 @@ class AllocationTracker(_LightDispatchMode):
         return out
 
 
-def measure_allocations(fn) -> dict:
+_dispatch_problem: list[str] = []  # filled once by dispatch_mode_problem()
+
+
+def dispatch_mode_problem() -> str:
+    """'' when AllocationTracker and MatmulFlopCounter work with this torch, else the reason.
+
+    Checked once, on known cases: a view allocates nothing, a 1 KiB clone allocates 1 KiB and is
+    freed, a (4 x 8) @ (8 x 2) matmul is 128 FLOPs. A torch that changed the private API fails
+    here with a clear message instead of producing wrong numbers.
+    """
+    if not _dispatch_problem:
+        problem = _DISPATCH_IMPORT_ERROR
+        if not problem:
+            x = torch.ones(16, 16)
+            try:
+                with torch.no_grad(), AllocationTracker() as tracker:
+                    x.view(-1)
+                    x.clone()
+                with torch.no_grad(), MatmulFlopCounter() as counter:
+                    torch.ones(4, 8) @ torch.ones(8, 2)
+                seen = (tracker.total_bytes, tracker.live_bytes, counter.flops)
+                if seen != (x.numel() * 4, 0, 128):
+                    problem = (
+                        f"self-check counted (bytes, live, FLOPs) = {seen}, not (1024, 0, 128)"
+                    )
+            except (AttributeError, TypeError, RuntimeError) as err:
+                problem = f"{type(err).__name__}: {err}"
+        _dispatch_problem.append(problem)
+    return _dispatch_problem[0]
+
+
+def measure_allocations(fn) -> dict | None:
     """Run fn() once under AllocationTracker; bytes allocated and which operators ran.
 
+    None when the tracker does not work with this torch (``dispatch_mode_problem()`` says why).
     Runs under no_grad, not inference_mode: inference_mode skips the autograd dispatch keys, where
     composite operators such as matmul are split into the ATen calls that really allocate.
     """
+    if dispatch_mode_problem():
+        return None
     with torch.no_grad(), AllocationTracker() as tracker:
         fn()
     return {
@@ -694,7 +755,8 @@ def analyze_cache_memory(
     n_layers: int, n_heads: int, head_dim: int, seq_len: int, device: torch.device
 ) -> dict:
     """Cache bytes measured from real KVCache tensors vs the formula, for n_kv_heads = n_heads..1,
-    and the attention FLOPs of one decode step (counted by MatmulFlopCounter) vs 4*h*T*d."""
+    and the attention FLOPs of one decode step (counted by MatmulFlopCounter) vs 4*h*T*d.
+    Counted FLOPs are None when the dispatch-mode counter does not work with this torch."""
     dtype, batch = torch.bfloat16, 1
     bytes_per = torch.tensor([], dtype=dtype).element_size()
     rows = []
@@ -702,10 +764,13 @@ def analyze_cache_memory(
         caches = [KVCache(batch, n_kv, seq_len, head_dim, dtype, device) for _ in range(n_layers)]
         measured = sum(c.nbytes for c in caches)
         formula = kv_cache_bytes(n_layers, batch, n_kv, seq_len, head_dim, bytes_per)
-        q = torch.randn(batch, n_heads, 1, head_dim, dtype=dtype, device=device)
-        with torch.no_grad(), MatmulFlopCounter() as counter:
-            attention_grouped(q, caches[0].k_cache, caches[0].v_cache)
-        flops = counter.flops
+        flops_formula = 4 * batch * n_heads * seq_len * head_dim
+        flops = None
+        if not dispatch_mode_problem():
+            q = torch.randn(batch, n_heads, 1, head_dim, dtype=dtype, device=device)
+            with torch.no_grad(), MatmulFlopCounter() as counter:
+                attention_grouped(q, caches[0].k_cache, caches[0].v_cache)
+            flops = counter.flops
         read = caches[0].nbytes  # one layer's cache, read once per decode step
         rows.append(
             {
@@ -716,9 +781,9 @@ def analyze_cache_memory(
                 "cache_ratio_vs_mha": measured
                 / kv_cache_bytes(n_layers, batch, n_heads, seq_len, head_dim, bytes_per),
                 "attention_flops_per_layer": flops,
-                "formula_flops_per_layer": 4 * batch * n_heads * seq_len * head_dim,
+                "formula_flops_per_layer": flops_formula,
                 "cache_bytes_read_per_layer": read,
-                "arithmetic_intensity_flops_per_byte": flops / read,
+                "arithmetic_intensity_flops_per_byte": flops_formula / read,
             }
         )
         del caches
@@ -731,9 +796,9 @@ def analyze_cache_memory(
         "dtype": "bfloat16",
         "rows": rows,
         "measured_equals_formula": all(r["measured_bytes"] == r["formula_bytes"] for r in rows),
-        "flops_equal_formula": all(
-            r["attention_flops_per_layer"] == r["formula_flops_per_layer"] for r in rows
-        ),
+        "flops_equal_formula": None
+        if dispatch_mode_problem()
+        else all(r["attention_flops_per_layer"] == r["formula_flops_per_layer"] for r in rows),
     }
 
 
@@ -813,52 +878,10 @@ def analyze_real_models(contexts=(4096, 32768, 131072)) -> dict:
     return {"dtype": "bfloat16", "batch_size": 1, "context_lengths": list(contexts), "models": rows}
 
 
-def _benchmark_one(attn: GroupedQueryAttention, contexts: list[int], min_run_time: float) -> dict:
-    """Decode-step times per context; attention-core time and step allocations at the longest."""
-    device, longest = attn.q_proj.weight.device, max(contexts)
-    n_kv, d = attn.n_kv_heads, attn.head_dim
-    cache = attn.new_cache(1)
-    shape = (1, n_kv, longest, d)
-    cache.update(torch.randn(shape, device=device), torch.randn(shape, device=device), 0)
-    x = torch.randn(1, 1, attn.d_model, device=device)
-
-    def step(t: int, sharing: str):
-        return lambda: attn(x, t, cache, sharing)
-
-    # At the longest context: what one step allocates, and the attention core alone (one query
-    # token against the cached prefix, no projections).
-    memory = {m: measure_allocations(step(longest, m)) for m in SHARING_METHODS}
-    q = torch.randn(1, attn.n_heads, 1, d, device=device)
-    k, v = cache.k_cache[:, :, : longest + 1], cache.v_cache[:, :, : longest + 1]
-    step_ms: dict = {m: {} for m in SHARING_METHODS}
-    with torch.inference_mode():
-        core_ms = {
-            m: 1e3 * median_time_s(lambda m=m: attend(q, k, v, None, m), min_run_time)
-            for m in SHARING_METHODS
-        }
-        for t in sorted(contexts, reverse=True):  # longest first: each step rewinds the cache
-            for m in SHARING_METHODS:
-                step_ms[m][t] = 1e3 * median_time_s(step(t, m), min_run_time)
-    weights = sum(p.numel() * p.element_size() for p in attn.parameters())
-    elem = cache.k_cache.element_size()
-    core_bytes = kv_cache_bytes(1, 1, n_kv, longest + 1, d, elem)  # keys and values read
-    core_flops = 4 * attn.n_heads * (longest + 1) * d  # q.k and probs.v
-    return {
-        "n_kv_heads": n_kv,
-        "group_size": attn.group,
-        "step_ms": {m: [step_ms[m][t] for t in sorted(contexts)] for m in SHARING_METHODS},
-        "core_ms_at_longest": core_ms,
-        "core_flops_at_longest": core_flops,
-        "core_gflops_per_s_at_longest": {m: core_flops / ms / 1e6 for m, ms in core_ms.items()},
-        "core_gb_per_s_at_longest": {m: core_bytes / ms / 1e6 for m, ms in core_ms.items()},
-        "memory_at_longest": memory,
-        "weight_bytes": weights,
-        "k_cache_bytes_at_longest": (longest + 1) * n_kv * d * elem,
-        # Bytes a step must read: all weights plus the cached keys and values of T+1 tokens.
-        "bytes_read_per_step": [
-            weights + kv_cache_bytes(1, 1, n_kv, t + 1, d, elem) for t in sorted(contexts)
-        ],
-    }
+def paired_ratio(a_rounds: list[float], b_rounds: list[float]) -> float:
+    """Median over rounds of a / b, each ratio from two times taken moments apart in one round:
+    load that drifts between rounds cancels (a ratio of two medians could mix rounds)."""
+    return statistics.median(a / b for a, b in zip(a_rounds, b_rounds, strict=True))
 
 
 def benchmark_decode(
@@ -868,35 +891,106 @@ def benchmark_decode(
     contexts: list[int],
     min_run_time: float,
     device: torch.device,
+    rounds: int = 3,
 ) -> dict:
     """Time one decode step (1 new token, batch 1, fp32) against a cache of T tokens, for MHA,
     GQA (n_heads/8 KV heads) and MQA through each sharing method; plus the attention core alone
-    and the memory a step allocates at the longest context.
+    (one query token against the cache, no projections) and what a step allocates, at the
+    longest context.
 
-    The cache is filled with random keys/values (their values do not change the cost). Each
-    step writes position T and reads T + 1 positions; contexts run from longest to shortest so
-    each step rewinds the cache instead of leaving a gap.
+    Robust to a stray slow call: every time is the median over ``rounds`` rounds, and within a
+    round MHA, GQA and MQA are timed back to back, so a burst of background load hits both terms
+    of a ratio, or one round only; each ratio is the median of the per-round ratios. A round is
+    ``median_time_s`` over >= ``min_run_time`` s of calls after a warm-up call; a step slower
+    than that is timed once per round. The raw per-round times are kept (``*_rounds``) to show
+    the spread.
+
+    The caches are filled once with random keys/values (their values do not change the cost). A
+    step at context T writes position T and reads T + 1 positions; before each measurement the
+    cache is marked full again (every position up to the longest context still holds a key).
     """
     configs = {"MHA": n_heads, "GQA": max(1, n_heads // 8), "MQA": 1}
+    contexts, longest = sorted(contexts), max(contexts)
+    layers, caches, queries = {}, {}, {}
+    x = torch.randn(1, 1, d_model, device=device)
+    for name, n_kv in configs.items():
+        attn = GroupedQueryAttention(d_model, n_heads, n_kv, head_dim, max_seq_len=longest + 1)
+        layers[name] = attn.to(device).eval()
+        caches[name] = attn.new_cache(1)
+        shape = (1, n_kv, longest, head_dim)
+        caches[name].update(torch.randn(shape, device=device), torch.randn(shape, device=device), 0)
+        queries[name] = torch.randn(1, n_heads, 1, head_dim, device=device)
+
+    def step(name: str, t: int, sharing: str):
+        caches[name].length = longest  # start_pos t <= length: any context can be timed next
+        return lambda: layers[name](x, t, caches[name], sharing)
+
+    def core(name: str, sharing: str):
+        k = caches[name].k_cache[:, :, : longest + 1]  # (1, n_kv_heads, T + 1, head_dim)
+        v = caches[name].v_cache[:, :, : longest + 1]
+        return lambda: attend(queries[name], k, v, None, sharing)
+
+    memory = {
+        n: {m: measure_allocations(step(n, longest, m)) for m in SHARING_METHODS} for n in configs
+    }
+    step_rounds = {n: {m: [[] for _ in contexts] for m in SHARING_METHODS} for n in configs}
+    core_rounds = {n: {m: [] for m in SHARING_METHODS} for n in configs}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for i, t in enumerate(contexts):
+                for m in SHARING_METHODS:
+                    for n in configs:  # back to back: the three terms of a ratio
+                        ms = 1e3 * median_time_s(step(n, t, m), min_run_time)
+                        step_rounds[n][m][i].append(ms)
+            for m in SHARING_METHODS:
+                for n in configs:
+                    core_rounds[n][m].append(1e3 * median_time_s(core(n, m), min_run_time))
+
     result: dict = {
         "d_model": d_model,
         "n_heads": n_heads,
         "head_dim": head_dim,
         "dtype": "float32",
         "batch_size": 1,
-        "context_lengths": sorted(contexts),
+        "context_lengths": contexts,
+        "rounds": rounds,
+        "min_run_time_s": min_run_time,
         "configs": {},
     }
+    elem = 4  # float32
     for name, n_kv in configs.items():
-        attn = GroupedQueryAttention(
-            d_model, n_heads, n_kv, head_dim, max_seq_len=max(contexts) + 1
-        )
-        attn = attn.to(device).eval()
-        result["configs"][name] = _benchmark_one(attn, contexts, min_run_time)
+        attn = layers[name]
+        weights = sum(p.numel() * p.element_size() for p in attn.parameters())
+        core_ms = {m: statistics.median(core_rounds[name][m]) for m in SHARING_METHODS}
+        core_bytes = kv_cache_bytes(1, 1, n_kv, longest + 1, head_dim, elem)  # keys + values read
+        core_flops = 4 * n_heads * (longest + 1) * head_dim  # q.k and probs.v
+        result["configs"][name] = {
+            "n_kv_heads": n_kv,
+            "group_size": attn.group,
+            "step_ms": {
+                m: [statistics.median(r) for r in step_rounds[name][m]] for m in SHARING_METHODS
+            },
+            "step_ms_rounds": step_rounds[name],
+            "core_ms_at_longest": core_ms,
+            "core_ms_rounds_at_longest": core_rounds[name],
+            "core_flops_at_longest": core_flops,
+            "core_gflops_per_s_at_longest": {m: core_flops / ms / 1e6 for m, ms in core_ms.items()},
+            "core_gb_per_s_at_longest": {m: core_bytes / ms / 1e6 for m, ms in core_ms.items()},
+            "memory_at_longest": memory[name],
+            "weight_bytes": weights,
+            "k_cache_bytes_at_longest": (longest + 1) * n_kv * head_dim * elem,
+            # Bytes a step must read: all weights plus the cached keys and values of T+1 tokens.
+            "bytes_read_per_step": [
+                weights + kv_cache_bytes(1, 1, n_kv, t + 1, head_dim, elem) for t in contexts
+            ],
+        }
     mha = result["configs"]["MHA"]
     for cfg in result["configs"].values():
         cfg["step_ratio_vs_mha"] = {
-            m: [a / b for a, b in zip(cfg["step_ms"][m], mha["step_ms"][m], strict=True)]
+            m: [
+                paired_ratio(a, b)
+                for a, b in zip(cfg["step_ms_rounds"][m], mha["step_ms_rounds"][m], strict=True)
+            ]
             for m in SHARING_METHODS
         }
         cfg["bytes_ratio_vs_mha"] = [
@@ -904,69 +998,104 @@ def benchmark_decode(
             for a, b in zip(cfg["bytes_read_per_step"], mha["bytes_read_per_step"], strict=True)
         ]
         cfg["core_ratio_vs_mha_at_longest"] = {
-            m: cfg["core_ms_at_longest"][m] / mha["core_ms_at_longest"][m] for m in SHARING_METHODS
+            m: paired_ratio(
+                cfg["core_ms_rounds_at_longest"][m], mha["core_ms_rounds_at_longest"][m]
+            )
+            for m in SHARING_METHODS
         }
-    sdpa_ops = result["configs"]["GQA"]["memory_at_longest"]["sdpa"]["ops"]
-    fused = [op for op in sdpa_ops if op.startswith("_scaled_dot_product")]
-    result["sdpa_kernel"] = fused[0] if fused else "math (no fused kernel ran)"
+    # Noise report: the widest (max - min) / median over the rounds of any printed time.
+    spread, where = 0.0, ""
+    for name, cfg in result["configs"].items():
+        for m in SHARING_METHODS:
+            steps = zip(contexts, cfg["step_ms_rounds"][m], strict=True)
+            labelled = [(f"at {t} tokens", r) for t, r in steps]
+            labelled.append((f"core at {longest} tokens", cfg["core_ms_rounds_at_longest"][m]))
+            for label, r in labelled:
+                s = (max(r) - min(r)) / statistics.median(r)
+                if s >= spread:
+                    spread, where = s, f"{name} {m} {label}"
+    result["largest_round_spread"] = spread
+    result["largest_round_spread_at"] = where
+    sdpa_memory = memory["GQA"]["sdpa"]
+    if sdpa_memory is None:
+        result["sdpa_kernel"] = "unknown (allocation tracking unavailable)"
+    else:
+        fused = [op for op in sdpa_memory["ops"] if op.startswith("_scaled_dot_product")]
+        result["sdpa_kernel"] = fused[0] if fused else "math (no fused kernel ran)"
+    result["allocation_tracking_problem"] = dispatch_mode_problem()
     return result
 
 
 def decode_goals(decode: dict) -> dict:
-    """The issue's goals, measured at the longest context (never asserted in tests)."""
-    gqa, mha = decode["configs"]["GQA"], decode["configs"]["MHA"]
+    """The issue's goals, measured at the longest context (never asserted in tests).
+
+    Memory goals are None when allocation tracking is unavailable with this torch.
+    """
+    gqa, mha, mqa = (decode["configs"][n] for n in ("GQA", "MHA", "MQA"))
     ratio = gqa["step_ratio_vs_mha"]["grouped"][-1]
     grouped_ms, repeat_ms = gqa["step_ms"]["grouped"][-1], gqa["step_ms"]["repeat_kv"][-1]
+    copy_free_ratio = paired_ratio(
+        gqa["step_ms_rounds"]["grouped"][-1], gqa["step_ms_rounds"]["repeat_kv"][-1]
+    )
+    core_ratio = gqa["core_ratio_vs_mha_at_longest"]["grouped"]
     mem_g, mem_r = gqa["memory_at_longest"]["grouped"], gqa["memory_at_longest"]["repeat_kv"]
     kv_ratio = gqa["n_kv_heads"] / mha["n_kv_heads"]
     proj_bytes = 2 * decode["d_model"] * decode["n_heads"] * decode["head_dim"] * 4
     read_gqa, read_mha = gqa["bytes_read_per_step"][-1], mha["bytes_read_per_step"][-1]
     core_g, core_m = gqa["core_ms_at_longest"]["grouped"], mha["core_ms_at_longest"]["grouped"]
+    core_q = mqa["core_ms_at_longest"]["grouped"]
     bw_mha = mha["core_gb_per_s_at_longest"]["grouped"]
     memory_bound_ms = core_m * kv_ratio  # GQA's cache streamed at MHA's bandwidth
-    bytes_part = (
+    remaining = (
         f"A step reads every weight plus the cache: GQA {read_gqa / 2**20:.1f} MiB vs MHA "
         f"{read_mha / 2**20:.1f} MiB, a bytes ratio of {read_gqa / read_mha:.3f}x, not "
         f"{kv_ratio:.3f}x, because q_proj and o_proj ({proj_bytes / 2**20:.1f} MiB) do not shrink "
-        f"with n_kv_heads. The attention core alone takes {core_g / core_m:.3f}x of MHA's time: "
+        f"with n_kv_heads. The attention core alone takes {core_ratio:.3f}x of MHA's time: "
         f"streaming GQA's cache at MHA's {bw_mha:.1f} GB/s would take {memory_bound_ms:.2f} ms, "
         f"and it takes {core_g:.2f} ms"
     )
     if core_g <= memory_bound_ms:
-        core_part = ", so the core is as memory-bound as MHA's and shrinks with the cache."
+        remaining += ", so the core is as memory-bound as MHA's and shrinks with the cache."
     else:
-        core_part = (
-            f". The rest is work that does not shrink with n_kv_heads: the same "
-            f"{gqa['core_flops_at_longest'] / 1e6:.0f} MFLOP per step (run at "
-            f"{gqa['core_gflops_per_s_at_longest']['grouped']:.1f} GFLOP/s in skinny "
-            f"(group x head_dim) @ (head_dim x T) matmuls) and the softmax over n_heads x T scores."
+        remaining += (
+            f". MQA's core, with 1/{gqa['n_kv_heads']} of GQA's cache, still takes "
+            f"{core_q:.2f} ms, an upper bound on the part that does not shrink with n_kv_heads: "
+            f"the same {gqa['core_flops_at_longest'] / 1e6:.0f} MFLOP per step in skinny "
+            f"(group x head_dim) @ (head_dim x T) matmuls, and the n_heads x T scores written, "
+            f"softmaxed and read again."
         )
-    remaining = bytes_part + core_part
-    return {
+    goals = {
         "context_length": decode["context_lengths"][-1],
         "gqa_n_kv_heads": gqa["n_kv_heads"],
         "kv_cache_ratio": kv_ratio,
         "gqa_vs_mha_step_time_ratio": ratio,
         "gqa_vs_mha_bytes_read_ratio": gqa["bytes_ratio_vs_mha"][-1],
-        "gqa_vs_mha_core_time_ratio": gqa["core_ratio_vs_mha_at_longest"]["grouped"],
+        "gqa_vs_mha_core_time_ratio": core_ratio,
         "mha_core_gb_per_s": bw_mha,
         "gqa_core_memory_bound_ms": memory_bound_ms,
         "gqa_core_ms": core_g,
+        "mqa_core_ms": core_q,
         "gqa_core_gflops_per_s": gqa["core_gflops_per_s_at_longest"]["grouped"],
         "gqa_step_at_most_half_of_mha": bool(ratio <= 0.5),
         "remaining_cost": remaining,
         "copy_free_step_ms": grouped_ms,
         "repeat_kv_step_ms": repeat_ms,
-        "copy_free_vs_repeat_kv_time_ratio": grouped_ms / repeat_ms,
-        "copy_free_no_slower_than_repeat_kv": bool(grouped_ms <= repeat_ms),
+        "copy_free_vs_repeat_kv_time_ratio": copy_free_ratio,
+        "copy_free_no_slower_than_repeat_kv": bool(copy_free_ratio <= 1.0),
         "k_cache_bytes": gqa["k_cache_bytes_at_longest"],
-        "copy_free_peak_bytes": mem_g["peak_bytes"],
-        "copy_free_largest_allocation_bytes": mem_g["largest_allocation_bytes"],
-        "repeat_kv_peak_bytes": mem_r["peak_bytes"],
-        "copy_free_allocates_no_kv_sized_copy": bool(
-            mem_g["largest_allocation_bytes"] < gqa["k_cache_bytes_at_longest"]
-        ),
+        "copy_free_peak_bytes": None,
+        "copy_free_largest_allocation_bytes": None,
+        "repeat_kv_peak_bytes": None,
+        "copy_free_allocates_no_kv_sized_copy": None,
     }
+    if mem_g is not None and mem_r is not None:
+        goals["copy_free_peak_bytes"] = mem_g["peak_bytes"]
+        goals["copy_free_largest_allocation_bytes"] = mem_g["largest_allocation_bytes"]
+        goals["repeat_kv_peak_bytes"] = mem_r["peak_bytes"]
+        goals["copy_free_allocates_no_kv_sized_copy"] = bool(
+            mem_g["largest_allocation_bytes"] < gqa["k_cache_bytes_at_longest"]
+        )
+    return goals
 
 
 def mha_with_similar_heads(
@@ -1132,11 +1261,22 @@ def plot_sharing_methods(decode: dict) -> plt.Figure:
     for i, method in enumerate(methods):
         offset = (i - (len(methods) - 1) / 2) * width
         times = [decode["configs"][n]["core_ms_at_longest"][method] for n in names]
-        peaks = [
-            decode["configs"][n]["memory_at_longest"][method]["peak_bytes"] / 2**20 for n in names
-        ]
         ax_t.bar(x + offset, times, width, label=method, color=colors[method])
-        ax_m.bar(x + offset, peaks, width, color=colors[method])
+        memory = [decode["configs"][n]["memory_at_longest"][method] for n in names]
+        if None not in memory:
+            peaks = [mm["peak_bytes"] / 2**20 for mm in memory]
+            ax_m.bar(x + offset, peaks, width, color=colors[method])
+    if decode["allocation_tracking_problem"]:
+        reason = textwrap.fill(decode["allocation_tracking_problem"], 50)
+        ax_m.text(
+            0.5,
+            0.5,
+            f"allocations not measured:\n{reason}",
+            transform=ax_m.transAxes,
+            ha="center",
+            va="center",
+            fontsize=9,
+        )
     k_bytes = [decode["configs"][n]["k_cache_bytes_at_longest"] / 2**20 for n in names]
     ax_m.hlines(k_bytes, x - 0.45, x + 0.45, color="black", lw=2, zorder=3)
     ax_t.plot([], [], color="black", lw=2, label="size of the layer's cached keys (right)")
@@ -1144,11 +1284,11 @@ def plot_sharing_methods(decode: dict) -> plt.Figure:
     t = decode["context_lengths"][-1]
     ax_t.set_xticks(x, labels)
     ax_t.set_ylabel("attention core time (ms)")
-    ax_t.set_title(f"Attention core time at {t // 1024}K cached tokens")
+    ax_t.set_title(f"Attention core at {t // 1024}K tokens: repeat_kv pays for its copy")
     ax_m.set_xticks(x, labels)
     ax_m.set_yscale("log")
     ax_m.set_ylabel("peak memory allocated in one step (MiB, log)")
-    ax_m.set_title("Peak memory: repeat_kv copies the GQA cache")
+    ax_m.set_title("repeat_kv allocates group copies of the GQA cache")
     fig.legend(loc="outside lower center", ncol=4)
     return fig
 
@@ -1263,8 +1403,8 @@ def main(argv: list[str] | None = None) -> dict:
     n_stages = 6
     if args.quick:
         mem_cfg = {"n_layers": 2, "n_heads": 16, "head_dim": 32, "seq_len": 512}
-        bench_cfg = {"d_model": 512, "n_heads": 16, "head_dim": 32, "contexts": [1024, 4096]}
-        conv_cfg, min_run_time = {"d_model": 64, "n_heads": 8}, 0.01
+        bench_cfg = {"d_model": 256, "n_heads": 16, "head_dim": 16, "contexts": [512, 2048]}
+        conv_cfg, min_run_time, rounds = {"d_model": 64, "n_heads": 8}, 0.001, 3
     else:
         mem_cfg = {"n_layers": 4, "n_heads": 32, "head_dim": 64, "seq_len": 2048}
         bench_cfg = {
@@ -1273,7 +1413,8 @@ def main(argv: list[str] | None = None) -> dict:
             "head_dim": 64,
             "contexts": [4096, 8192, 16384, 32768],
         }
-        conv_cfg, min_run_time = {"d_model": 256, "n_heads": 16}, 0.2
+        # 3 rounds of >= 0.1 s per time: a stray slow call or load burst cannot set a ratio
+        conv_cfg, min_run_time, rounds = {"d_model": 256, "n_heads": 16}, 0.1, 3
 
     print(f"[1/{n_stages}] checking correctness ...")
     corr = results["correctness"] = check_correctness(device)
@@ -1300,16 +1441,18 @@ def main(argv: list[str] | None = None) -> dict:
         f"{'FLOPs/step/layer':>17} {'FLOP/byte':>10}"
     )
     for r in mem["rows"]:
-        intensity = r["arithmetic_intensity_flops_per_byte"]
+        intensity, flops = r["arithmetic_intensity_flops_per_byte"], r["attention_flops_per_layer"]
         print(
             f"  {r['n_kv_heads']:>10} {mib(r['measured_bytes']):>12} "
             f"{mib(r['formula_bytes']):>12} {r['cache_ratio_vs_mha']:>6.3f}x "
-            f"{r['attention_flops_per_layer']:>17,} {intensity:>10.1f}"
+            f"{'not counted' if flops is None else f'{flops:,}':>17} {intensity:>10.1f}"
         )
     print(
         f"  measured == formula: {mem['measured_equals_formula']}; FLOPs == 4*h*T*d for every "
         f"n_kv_heads: {mem['flops_equal_formula']}"
     )
+    if dispatch_mode_problem():
+        print(f"  FLOPs and allocations not counted with this torch: {dispatch_mode_problem()}")
 
     print(f"[3/{n_stages}] KV cache of released models ...")
     real = results["real_models"] = analyze_real_models()
@@ -1334,11 +1477,19 @@ def main(argv: list[str] | None = None) -> dict:
         bench_cfg["contexts"],
         min_run_time,
         device,
+        rounds,
     )
     print(
         f"  d_model {dec['d_model']}, {dec['n_heads']} query heads, head_dim {dec['head_dim']}, "
         f"fp32, batch 1; sdpa ran {dec['sdpa_kernel']}"
     )
+    timing_note = (
+        f"each time: median of {dec['rounds']} rounds (MHA, GQA, MQA timed back to back), each "
+        f"round >= {dec['min_run_time_s']} s of calls; each ratio: median of the per-round "
+        f"ratios; widest round-to-round spread "
+        f"{100 * dec['largest_round_spread']:.0f}% ({dec['largest_round_spread_at']})"
+    )
+    print(textwrap.fill(timing_note, 96, initial_indent=" " * 2, subsequent_indent=" " * 4))
     print(
         f"  {'config':<16} {'method':<10} "
         + " ".join(f"{f'{t}':>16}" for t in dec["context_lengths"])
@@ -1357,10 +1508,17 @@ def main(argv: list[str] | None = None) -> dict:
     for name, cfg in dec["configs"].items():
         for m in SHARING_METHODS:
             mm = cfg["memory_at_longest"][m]
+            alloc = (
+                "not measured"
+                if mm is None
+                else (
+                    f"{mib(mm['peak_bytes']):>12} {mib(mm['largest_allocation_bytes']):>12} "
+                    f"({mm['largest_allocation_op']})"
+                )
+            )
             print(
                 f"  {'':<16}{name:<8} {m:<10} {cfg['core_ms_at_longest'][m]:>7.2f} ms "
-                f"{cfg['core_ratio_vs_mha_at_longest'][m]:>6.2f}x {mib(mm['peak_bytes']):>12} "
-                f"{mib(mm['largest_allocation_bytes']):>12} ({mm['largest_allocation_op']})"
+                f"{cfg['core_ratio_vs_mha_at_longest'][m]:>6.2f}x {alloc}"
             )
         print(
             f"  {'':<16}{name:<8} cached keys of the layer: {mib(cfg['k_cache_bytes_at_longest'])}"
@@ -1383,12 +1541,15 @@ def main(argv: list[str] | None = None) -> dict:
         f"{goals['copy_free_no_slower_than_repeat_kv']}"
     )
     largest, k_bytes = goals["copy_free_largest_allocation_bytes"], goals["k_cache_bytes"]
-    memory_line = (
-        f"peak allocated in one step: copy-free {mib(goals['copy_free_peak_bytes'])}, "
-        f"repeat_kv {mib(goals['repeat_kv_peak_bytes'])}; copy-free largest allocation "
-        f"{mib(largest)} < the layer's cached keys {mib(k_bytes)}: "
-        f"{goals['copy_free_allocates_no_kv_sized_copy']}"
-    )
+    if largest is None:
+        memory_line = f"allocations not measured: {dec['allocation_tracking_problem']}"
+    else:
+        memory_line = (
+            f"peak allocated in one step: copy-free {mib(goals['copy_free_peak_bytes'])}, "
+            f"repeat_kv {mib(goals['repeat_kv_peak_bytes'])}; copy-free largest allocation "
+            f"{mib(largest)} < the layer's cached keys {mib(k_bytes)}: "
+            f"{goals['copy_free_allocates_no_kv_sized_copy']}"
+        )
     print(textwrap.fill(memory_line, 96, initial_indent=" " * 4, subsequent_indent=" " * 4))
 
     print(f"[5/{n_stages}] converting MHA to GQA by mean-pooling KV heads ...")

@@ -5,6 +5,7 @@ memory measurement, and each bad-input rule."""
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -324,6 +325,65 @@ def test_real_model_cache_from_published_configs():
     assert real["Llama-2-7B"]["bytes_at_context"][0] == 2 * 2**30  # 4096 tokens: 2 GiB
 
 
+def test_dispatch_mode_self_check_passes_on_this_torch():
+    # The private TorchDispatchMode API works here; if a torch update breaks it, this fails
+    # (and the script itself runs on without the memory numbers: see the next test).
+    assert gqa.dispatch_mode_problem() == ""
+
+
+def fake_timer(outlier_call: int):
+    """A median_time_s stand-in: 1 ms for every call except one, which returns 1 s."""
+    calls = []
+
+    def median_time_s(fn, min_run_time=0.2):
+        fn()
+        calls.append(fn)
+        return 1.0 if len(calls) == outlier_call else 1e-3
+
+    return median_time_s, calls
+
+
+@pytest.mark.parametrize("outlier_call", [1, 5, 23, 40])
+def test_one_slow_round_does_not_move_a_decode_time_or_ratio(monkeypatch, outlier_call):
+    timer, calls = fake_timer(outlier_call)
+    monkeypatch.setattr(gqa, "median_time_s", timer)
+    dec = gqa.benchmark_decode(32, 8, 4, [16, 32], 0.0, torch.device("cpu"), rounds=3)
+    # 3 rounds x (2 contexts x 3 methods x 3 configs steps + 3 methods x 3 configs cores)
+    assert len(calls) == 3 * (2 * 3 * 3 + 3 * 3) and dec["rounds"] == 3
+    for cfg in dec["configs"].values():
+        for m in SHARING_METHODS:
+            assert cfg["step_ms"][m] == [1.0, 1.0] and cfg["core_ms_at_longest"][m] == 1.0
+            assert cfg["step_ratio_vs_mha"][m] == [1.0, 1.0]
+            assert all(len(r) == 3 for r in cfg["step_ms_rounds"][m])
+    assert dec["largest_round_spread"] == pytest.approx(999.0)  # (1000 - 1) / 1 ms: reported
+
+
+def test_paired_ratio_compares_times_taken_in_the_same_round():
+    # Rounds 1-2 are quiet (a/b = 0.5); round 3 slowed b only. The median of the per-round
+    # ratios stays 0.5, while the ratio of the two medians (10 / 2) would say 5.
+    a, b = [1.0, 10.0, 10.0], [2.0, 20.0, 2.0]
+    assert gqa.paired_ratio(a, b) == 0.5
+    assert statistics.median(a) / statistics.median(b) == 5.0
+
+
+def test_without_the_private_dispatch_api_the_analyses_still_run(monkeypatch):
+    # Simulate a future torch where the self-check fails: memory and FLOP counts become None,
+    # timing, goals and the figure still work.
+    monkeypatch.setattr(gqa, "dispatch_mode_problem", lambda: "simulated: API moved")
+    timer, _ = fake_timer(0)
+    monkeypatch.setattr(gqa, "median_time_s", timer)
+    dec = gqa.benchmark_decode(32, 8, 4, [16, 32], 0.0, torch.device("cpu"), rounds=1)
+    assert dec["allocation_tracking_problem"] == "simulated: API moved"
+    assert dec["configs"]["GQA"]["memory_at_longest"]["grouped"] is None
+    goals = gqa.decode_goals(dec)
+    assert goals["copy_free_allocates_no_kv_sized_copy"] is None
+    assert goals["copy_free_no_slower_than_repeat_kv"] is True
+    gqa.plt.close(gqa.plot_sharing_methods(dec))
+    mem = gqa.analyze_cache_memory(1, 4, 8, 16, torch.device("cpu"))
+    assert mem["flops_equal_formula"] is None and mem["measured_equals_formula"]
+    assert gqa.measure_allocations(lambda: None) is None
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -432,6 +492,8 @@ def test_main_quick_writes_figures_and_results(run_main):
     assert r["correctness"]["all_within_atol"]
     assert r["cache_memory"]["measured_equals_formula"] and r["cache_memory"]["flops_equal_formula"]
     assert set(r["decode"]["configs"]) == {"MHA", "GQA", "MQA"}
+    assert r["decode"]["rounds"] == 3 and r["decode"]["allocation_tracking_problem"] == ""
+    assert f"median of {r['decode']['rounds']} rounds" in run.stdout
     goals = r["goals"]
     assert goals["gqa_step_at_most_half_of_mha"] == (goals["gqa_vs_mha_step_time_ratio"] <= 0.5)
     assert goals["copy_free_no_slower_than_repeat_kv"] == (
