@@ -31,10 +31,12 @@ The math (DeepSeek-V2 eqs. 9-19, per token t, head i; names as in the checkpoint
     q_{t,i} = [q_nope; q_pe],  k_{j,i} = [k_nope_{j,i}; k_pe_j]
     o_{t,i} = sum_j softmax_j(q_{t,i} . k_{j,i} / sqrt(d_nope + d_rope)) v_{j,i}
     u_t     = W_O [o_{t,1}; ...; o_{t,n_heads}]                           o_proj
-The paper's equations omit the two RMSNorms on the latents; DeepSeek's checkpoints have them.
-Only ``c_kv_t`` and ``k_pe_t`` are cached: ``(kv_lora_rank + qk_rope_head_dim)`` numbers per token,
-which with DeepSeek-V2's d_c = 4 d_h and d_rope = d_h / 2 is 9/2 d_h (Table 1: "GQA with 2.25
-groups").
+The paper's equations omit the two RMSNorms on the latents (its section 3.1.2 mentions them);
+DeepSeek's checkpoints have them. Only ``c_kv_t`` and ``k_pe_t`` are cached:
+``(kv_lora_rank + qk_rope_head_dim)`` numbers per token per layer, which with DeepSeek-V2's
+d_c = 4 d_h and d_rope = d_h / 2 is 9/2 d_h. Table 1 of the paper counts elements per token over
+all l layers: MHA 2 n_h d_h l, GQA 2 n_g d_h l, MQA 2 d_h l, MLA (d_c + d_h^R) l ~ 9/2 d_h l,
+"equal to GQA with only 2.25 groups".
 
 Absorption (why decoding need not rebuild keys and values), for head i, query t, key j:
     (1) q_nope_{t,i} . k_nope_{j,i} = (W_UQ_i c_q_t)^T (W_UK_i c_kv_j)
@@ -43,13 +45,19 @@ Absorption (why decoding need not rebuild keys and values), for head i, query t,
         with q_lat_{t,i} = W_UK_i^T q_nope_{t,i}  (d_c numbers per head)
     (3) o_{t,i} = sum_j a_{t,j,i} W_UV_i c_kv_j = W_UV_i (sum_j a_{t,j,i} c_kv_j)
                 = W_UV_i o_lat_{t,i}      (a = the softmax weights)
-    (4) u_t = sum_i W_O_i W_UV_i o_lat_{t,i}
+    (4) u_t = sum_i W_O_i W_UV_i o_lat_{t,i}      (W_O_i = the o_proj columns of head i)
 So every head attends over the same cached latents (an MQA with a 576-dim key and a 512-dim
-value); per step the cost is O(context * n_heads * (d_c + d_rope)) instead of rebuilding
-``context * n_heads * (d_nope + d_v)`` keys and values through a d_c-wide matrix.
+value). Per decode step and cached token that is 2 n_heads (2 d_c + d_rope) FLOPs, instead of
+the 2 n_heads d_c (d_nope + d_v) it takes to rebuild the token's keys and values through
+``kv_b_proj`` (see ``decode_flops``).
+The paper phrases (1) as folding W_UK into W_UQ (one position-free matrix W_UQ_i^T W_UK_i) and
+(4) as folding W_UV into W_O. DeepSeek-V3's ``inference/model.py`` (absorb mode) and
+``attend_absorbed`` below instead apply W_UK_i^T to q_nope and W_UV_i to o_lat at run time:
+same result, fewer FLOPs and parameters than the merged matrices (W_O_i W_UV_i alone would be
+d_model x d_c per head).
 Why RoPE on the nope part would break this: with k_nope_{j,i} = R_j W_UK_i c_kv_j and
 q_nope_{t,i} = R_t W_UQ_i c_q_t, line (1) becomes c_q_t^T W_UQ_i^T R_(j-t) W_UK_i c_kv_j: a
-rotation that depends on the key's position j sits between W_UQ_i and W_UK_i, so no fixed matrix
+rotation that differs for every cached token j sits between W_UQ_i and W_UK_i, so no fixed matrix
 can be folded into the query and every cached key would have to be rebuilt at every step.
 Hence the decoupled ``q_pe`` / ``k_pe``: position lives in a small extra part that is cached
 already rotated.
@@ -76,9 +84,11 @@ References
 - DeepSeek-AI, "DeepSeek-V3 Technical Report", 2024, arXiv 2412.19437 (section 2.1.1).
 - Su et al., "RoFormer: Enhanced Transformer with Rotary Position Embedding", 2021,
   arXiv 2104.09864.
-- Reference code: deepseek-ai/DeepSeek-V3 ``inference/model.py`` (class ``MLA``, its
-  ``attn_impl`` "naive" and "absorb" modes, ``kv_cache`` / ``pe_cache``); huggingface/transformers
-  ``src/transformers/models/deepseek_v3/modeling_deepseek_v3.py`` (``DeepseekV3Attention``,
+- Reference code: deepseek-ai/DeepSeek-V3 ``inference/model.py`` (class ``MLA``: its "absorb"
+  mode caches ``kv_cache`` / ``pe_cache`` and attends as ``attend_absorbed``; its "naive" mode
+  caches expanded per-head ``k_cache`` / ``v_cache``, a different trade-off from our naive mode);
+  huggingface/transformers ``src/transformers/models/deepseek_v3/modeling_deepseek_v3.py``
+  (``DeepseekV3Attention``, which caches the latents and re-expands them like our naive mode;
   ``apply_rotary_pos_emb_interleave``), which the tests compare against.
 """
 
@@ -354,9 +364,12 @@ class MultiHeadLatentAttention(nn.Module):
 
     ``forward(x, start_pos, cache, mode)`` attends over the tokens of ``x`` (no cache) or over
     everything in ``cache`` (a :class:`LatentKVCache`). ``mode`` picks how:
-    ``"naive"`` up-projects every cached latent to per-head keys and values (DeepSeek-V3
-    ``attn_impl="naive"``, Hugging Face); ``"absorbed"`` folds W_UK into the query and W_UV into
-    the output and attends in latent space (``attn_impl="absorb"``). Both give the same output.
+    ``"naive"`` up-projects every cached latent to per-head keys and values at every call (as
+    Hugging Face's ``DeepseekV3Attention`` does); ``"absorbed"`` folds W_UK into the query and
+    W_UV into the output and attends in latent space (DeepSeek-V3 ``attn_impl="absorb"``). Both
+    give the same output. (DeepSeek-V3's ``attn_impl="naive"`` is a third option: it caches the
+    expanded keys and values, n_heads * (qk_head_dim + v_head_dim) numbers per token, and so
+    gives up the small cache.)
 
     Softmax scale: (qk_nope_head_dim + qk_rope_head_dim) ** -0.5. The long-context checkpoints
     (YaRN, rope_scaling factor 40) also multiply it by mscale^2 = (0.1 * mscale_all_dim * ln 40
@@ -811,10 +824,11 @@ def measured_cache_bytes_per_token(
 
 
 def table1_cache_elements(config: MLAConfig, n_groups: int = 8) -> dict:
-    """DeepSeek-V2 Table 1, per token per layer, measured from the cache tensors (elements).
+    """DeepSeek-V2 Table 1 for one layer (l = 1), measured from the cache tensors (elements).
 
-    MHA 2 n_h d_h, GQA 2 n_g d_h, MQA 2 d_h, MLA (d_c + d_h^R) = 9/2 d_h when d_c = 4 d_h and
-    d_h^R = d_h / 2, i.e. the cache of GQA with 2.25 groups. d_h = qk_nope_head_dim.
+    Table 1 counts elements per token over l layers: MHA 2 n_h d_h l, GQA 2 n_g d_h l, MQA
+    2 d_h l, MLA (d_c + d_h^R) l ~ 9/2 d_h l (exactly 9/2 when d_c = 4 d_h and d_h^R = d_h / 2),
+    i.e. the cache of GQA with 2.25 groups. Here d_h = qk_nope_head_dim (128 in DeepSeek-V2).
     """
     n_h, d_h = config.n_heads, config.qk_nope_head_dim
     elems = {
@@ -825,6 +839,12 @@ def table1_cache_elements(config: MLAConfig, n_groups: int = 8) -> dict:
         "mqa": measured_cache_bytes_per_token("kv", 1, torch.uint8, n_kv_heads=1, head_dim=d_h),
         "mla": measured_cache_bytes_per_token("mla", 1, torch.uint8, config=config),
     }  # a 1-byte dtype makes bytes == elements
+    paper = {  # Table 1's entries with l = 1
+        "mha": "2 n_h d_h",
+        f"gqa_{n_groups}_groups": "2 n_g d_h",
+        "mqa": "2 d_h",
+        "mla": "d_c + d_h^R",
+    }
     formula = {
         "mha": 2 * n_h * d_h,
         f"gqa_{n_groups}_groups": 2 * n_groups * d_h,
@@ -837,6 +857,7 @@ def table1_cache_elements(config: MLAConfig, n_groups: int = 8) -> dict:
         "kv_lora_rank": config.kv_lora_rank,
         "qk_rope_head_dim": config.qk_rope_head_dim,
         "elements_per_token_per_layer": elems,
+        "paper_formula": paper,
         "formula_elements_per_token_per_layer": formula,
         "measured_equals_formula": elems == formula,
         "mla_in_units_of_head_dim": elems["mla"] / d_h,  # paper: about 9/2
@@ -869,7 +890,9 @@ BASELINE_MODELS = {
         "head_dim": 128,
     },
 }
-DEEPSEEK_LAYERS = {"deepseek_v2": 60, "deepseek_v3": 61}  # num_hidden_layers in config.json
+# num_hidden_layers in config.json. V3's extra multi-token-prediction layer
+# (num_nextn_predict_layers 1, used only for speculative decoding) is not counted.
+DEEPSEEK_LAYERS = {"deepseek_v2": 60, "deepseek_v3": 61}
 CONTEXTS_REAL = {"4k": 4096, "32k": 32768, "128k": 131072}
 # DeepSeek-V2 section 3.2.3: for serving, "we also perform KV cache quantization ... to
 # further compress each element in its KV cache into 6 bits on average".
@@ -1012,6 +1035,12 @@ def benchmark_decode(config: MLAConfig, contexts: list[int], device, min_run_tim
             fns = decode_setup(c, t, device, mla, mha)
             for k in impls:
                 time_ms[k].append(median_time_s(fns[k], min_run_time) * 1e3)
+    cache_bytes = {
+        "mha": measured_cache_bytes_per_token(
+            "kv", 1, torch.float32, n_kv_heads=c.n_heads, head_dim=c.qk_nope_head_dim
+        ),
+        "mla": measured_cache_bytes_per_token("mla", 1, torch.float32, config=c),
+    }
     speedup = [n / a for n, a in zip(time_ms["naive"], time_ms["absorbed"], strict=True)]
     flop_ratio = [n / a for n, a in zip(flops["naive"], flops["absorbed"], strict=True)]
     return {
@@ -1027,12 +1056,11 @@ def benchmark_decode(config: MLAConfig, contexts: list[int], device, min_run_tim
         "time_ratio_mha_vs_absorbed": [
             m / a for m, a in zip(time_ms["mha"], time_ms["absorbed"], strict=True)
         ],
-        "cache_bytes_per_token_per_layer": {
-            "mha": measured_cache_bytes_per_token(
-                "kv", 1, torch.float32, n_kv_heads=c.n_heads, head_dim=c.qk_nope_head_dim
-            ),
-            "mla": measured_cache_bytes_per_token("mla", 1, torch.float32, config=c),
-        },
+        "flop_ratio_absorbed_vs_mha": [
+            a / m for a, m in zip(flops["absorbed"], flops["mha"], strict=True)
+        ],
+        "cache_bytes_per_token_per_layer": cache_bytes,
+        "cache_bytes_ratio_mha_vs_mla": cache_bytes["mha"] / cache_bytes["mla"],
     }
 
 
@@ -1044,8 +1072,8 @@ def benchmark_decode(config: MLAConfig, contexts: list[int], device, min_run_tim
 def plot_data_flow(config: MLAConfig) -> plt.Figure:
     """A drawn diagram of MLA's data flow with DeepSeek-V2's shapes."""
     c = config
-    fig, ax = plt.subplots(figsize=(13, 7), layout="constrained")
-    ax.set_xlim(0, 16.4)
+    fig, ax = plt.subplots(figsize=(11, 6.4), layout="constrained")
+    ax.set_xlim(0, 16.9)
     ax.set_ylim(0, 9.4)
     ax.axis("off")
     colours = {
@@ -1055,130 +1083,124 @@ def plot_data_flow(config: MLAConfig) -> plt.Figure:
         "cache": "#b7e4c7",
         "naive": "#f8d7da",
         "abs": "#d1f2eb",
-        "out": "#e8e8e8",
     }
 
-    def box(x, y, w, h, text, kind, **kw):
+    def box(x, y, w, h, text, kind, lw=1.0):
         ax.add_patch(
             matplotlib.patches.FancyBboxPatch(
-                (x, y),
-                w,
-                h,
-                boxstyle="round,pad=0.05",
-                fc=colours[kind],
-                ec="#444444",
-                lw=kw.pop("lw", 1.0),
+                (x, y), w, h, boxstyle="round,pad=0.05", fc=colours[kind], ec="#444444", lw=lw
             )
         )
-        ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=9.5, **kw)
+        ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=11)
 
     def arrow(x0, y0, x1, y1, label="", colour="#333333"):
         ax.annotate(
             "",
             xy=(x1, y1),
             xytext=(x0, y0),
-            arrowprops={"arrowstyle": "-|>", "color": colour, "lw": 1.2},
+            arrowprops={"arrowstyle": "-|>", "color": colour, "lw": 1.3},
         )
         if label:
             ax.text(
-                (x0 + x1) / 2,
-                (y0 + y1) / 2 + 0.12,
-                label,
-                ha="center",
-                va="bottom",
-                fontsize=8.5,
-                color=colour,
+                (x0 + x1) / 2, (y0 + y1) / 2 + 0.12, label, ha="center", va="bottom", fontsize=10
             )
 
     qk, d_c, d_r = c.qk_head_dim, c.kv_lora_rank, c.qk_rope_head_dim
-    box(0.1, 4.3, 1.7, 1.0, f"$h_t$\n({c.d_model})", "in")
+    d_nope, n_h = c.qk_nope_head_dim, c.n_heads
+    box(0.1, 4.3, 1.4, 1.0, f"$h_t$\n({c.d_model})", "in")
     # query path (top row)
-    box(2.4, 7.2, 2.3, 1.2, f"q_a_proj $W^{{DQ}}$\n+ q_a_layernorm\n$c^Q_t$ ({c.q_lora_rank})", "q")
     box(
-        5.3,
-        7.2,
-        2.6,
-        1.2,
-        f"q_b_proj $W^{{UQ}}, W^{{QR}}$\n{c.n_heads} heads × {qk}\n"
-        f"= [{c.qk_nope_head_dim} nope | {d_r} rope]",
+        2.0,
+        7.1,
+        2.8,
+        1.4,
+        f"q_a_proj $W^{{DQ}}$\n+ q_a_layernorm\n→ $c^Q_t$ ({c.q_lora_rank})",
         "q",
     )
-    box(8.6, 7.9, 2.5, 0.8, f"$q^C_{{t,i}}$: {c.n_heads} × {c.qk_nope_head_dim}", "q")
-    box(8.6, 6.6, 2.5, 0.8, f"RoPE → $q^R_{{t,i}}$: {c.n_heads} × {d_r}", "q")
-    arrow(1.8, 5.0, 2.4, 7.6)
-    arrow(4.7, 7.8, 5.3, 7.8)
-    arrow(7.9, 8.0, 8.6, 8.3)
-    arrow(7.9, 7.5, 8.6, 7.0)
+    box(
+        5.3,
+        7.1,
+        3.0,
+        1.4,
+        f"q_b_proj $W^{{UQ}}, W^{{QR}}$\n{n_h} heads ×\n[{d_nope} nope | {d_r} rope]",
+        "q",
+    )
+    box(8.8, 7.9, 2.6, 0.8, f"$q^C_{{t,i}}$: {n_h} × {d_nope}", "q")
+    box(8.8, 6.5, 2.6, 0.9, f"RoPE →\n$q^R_{{t,i}}$: {n_h} × {d_r}", "q")
+    arrow(1.5, 5.0, 2.0, 7.6)
+    arrow(4.8, 7.8, 5.3, 7.8)
+    arrow(8.3, 8.0, 8.8, 8.3)
+    arrow(8.3, 7.5, 8.8, 7.0)
     # key/value path (bottom row)
     box(
-        2.4,
+        2.0,
+        1.5,
+        2.8,
         1.6,
-        2.3,
-        1.4,
         f"kv_a_proj_with_mqa\n$W^{{DKV}}, W^{{KR}}$\n{c.d_model} → {d_c} + {d_r}",
         "kv",
     )
-    box(5.3, 2.7, 2.6, 0.9, f"kv_a_layernorm → $c^{{KV}}_t$ ({d_c})", "kv")
-    box(5.3, 1.0, 2.6, 0.9, f"RoPE → $k^R_t$ ({d_r}, all heads)", "kv")
-    arrow(1.8, 4.6, 2.4, 2.6)
-    arrow(4.7, 2.6, 5.3, 3.1)
-    arrow(4.7, 2.0, 5.3, 1.5)
+    box(5.3, 2.55, 3.0, 1.1, f"kv_a_layernorm\n→ $c^{{KV}}_t$ ({d_c})", "kv")
+    box(5.3, 0.9, 3.0, 1.1, f"RoPE → $k^R_t$ ({d_r})\nshared by all heads", "kv")
+    arrow(1.5, 4.6, 2.0, 2.6)
+    arrow(4.8, 2.6, 5.3, 3.1)
+    arrow(4.8, 2.0, 5.3, 1.5)
     box(
-        8.6,
-        1.0,
-        2.5,
+        8.8,
+        0.9,
         2.6,
-        f"LatentKVCache\nkv_cache: {d_c}\npe_cache: {d_r}\n"
-        f"= {d_c + d_r} numbers\nper token per layer\n(MHA: 2×{c.n_heads}×"
-        f"{c.qk_nope_head_dim} = {2 * c.n_heads * c.qk_nope_head_dim:,})",
+        2.75,
+        f"LatentKVCache\nkv_cache: {d_c}\npe_cache: {d_r}\n= {d_c + d_r} numbers\n"
+        f"per token, layer\n(MHA: {2 * n_h * d_nope:,})",
         "cache",
         lw=2.0,
     )
-    arrow(7.9, 3.1, 8.6, 3.1, "write")
-    arrow(7.9, 1.5, 8.6, 1.5, "write")
+    arrow(8.3, 3.1, 8.8, 3.1)
+    arrow(8.3, 1.5, 8.8, 1.5)
     # the two ways to attend
     box(
-        11.8,
-        5.1,
-        4.0,
-        2.2,
-        "naive: kv_b_proj ($W^{UK}, W^{UV}$)\nrebuilds $k^C, v^C$ "
-        f"({c.n_heads} × {c.qk_nope_head_dim} each)\nfor EVERY cached token, every step,\n"
-        f"then attention with head dim {qk}",
+        12.0,
+        5.3,
+        4.7,
+        2.3,
+        "naive: kv_b_proj ($W^{UK}, W^{UV}$)\n"
+        f"rebuilds $k^C, v^C$ ({n_h} × {d_nope} each)\nof every cached token, every step,"
+        f"\nthen attention, head dim {qk}",
         "naive",
     )
     box(
-        11.8,
-        1.5,
-        4.0,
-        3.0,
-        "absorbed: $\\tilde q_{t,i} = W^{UK\\top}_i q^C_{t,i}$ "
-        f"({c.n_heads} × {d_c})\nscore $= \\tilde q \\cdot c^{{KV}}_j + q^R \\cdot k^R_j$\n"
-        "$\\bar o_{t,i} = \\sum_j a_{t,j,i}\\, c^{KV}_j$  (latent)\n$o_{t,i} = W^{UV}_i "
-        "\\bar o_{t,i}$\nkeys and values are never built",
+        12.0,
+        1.35,
+        4.7,
+        3.2,
+        f"absorbed: $\\tilde q_{{t,i}} = W^{{UK\\top}}_i q^C_{{t,i}}$ ({n_h} × {d_c})\n"
+        "$a_{t,j,i} = $softmax$_j(\\tilde q \\cdot c^{KV}_j + q^R \\cdot k^R_j)$\n"
+        "$\\bar o_{t,i} = \\sum_j a_{t,j,i}\\, c^{KV}_j$  (latent)\n"
+        "$o_{t,i} = W^{UV}_i \\bar o_{t,i}$\nno key or value is ever built",
         "abs",
     )
-    arrow(11.1, 8.3, 12.6, 7.35, "queries (to both)")
-    arrow(11.1, 7.0, 11.8, 4.55)
-    arrow(11.1, 3.1, 11.8, 5.5, "read")
-    arrow(11.1, 2.3, 11.8, 2.3, "read")
+    arrow(11.4, 8.3, 13.0, 7.65)  # either mode gets the same queries and cache
+    arrow(11.4, 7.0, 12.0, 6.6)
+    arrow(11.4, 3.3, 12.0, 5.6)
+    arrow(11.4, 2.3, 12.0, 2.3)
     ax.text(
-        13.8,
-        4.8,
-        "mode='naive'  or  mode='absorbed'  (same output)",
+        14.35,
+        4.95,
+        "mode='naive' or 'absorbed':\nsame queries and cache, same output",
         ha="center",
         va="center",
-        fontsize=9,
+        fontsize=10.5,
         style="italic",
     )
-    box(12.6, 0.1, 2.4, 0.8, f"o_proj → $u_t$ ({c.d_model})", "out")
-    arrow(13.8, 1.5, 13.8, 0.9)
-    ax.plot([15.8, 16.2, 16.2], [6.2, 6.2, 0.5], color="#333333", lw=1.2)
-    arrow(16.2, 0.5, 15.0, 0.5)
+    box(13.0, 0.1, 2.7, 0.75, f"o_proj → $u_t$ ({c.d_model})", "in")
+    arrow(14.35, 1.35, 14.35, 0.85)
+    ax.plot([16.7, 16.85, 16.85], [6.4, 6.4, 0.47], color="#333333", lw=1.3)
+    arrow(16.85, 0.47, 15.7, 0.47)
     ax.set_title(
-        f"MLA data flow with DeepSeek-V2's sizes: only {d_c} + {d_r} = {d_c + d_r} "
-        "numbers per token are cached; absorbed decoding attends on them directly",
-        fontsize=11.5,
+        f"MLA data flow at DeepSeek-V2's sizes: only {d_c} + {d_r} = {d_c + d_r} numbers per "
+        "token and layer are cached;\nabsorbed decoding attends over them directly "
+        "(softmax scale 1/$\\sqrt{" + str(qk) + "}$ omitted)",
+        fontsize=12,
     )
     return fig
 
@@ -1269,9 +1291,9 @@ def plot_decode_time(bench: dict) -> plt.Figure:
         bench,
         bench["time_ms"],
         "time per decode step, batch 1 (ms)",
-        f"Naive MLA's step time grows with the context it re-expands;\n"
-        f"absorbed MLA is {bench['speedup_absorbed_vs_naive'][-1]:.0f}x faster at {longest:,} "
-        "tokens",
+        "Naive MLA re-expands the whole cache at every step: at "
+        f"{longest:,} tokens\nits step takes {bench['speedup_absorbed_vs_naive'][-1]:.1f}x "
+        "the time of absorbed MLA's",
     )
 
 
@@ -1389,14 +1411,20 @@ def main(argv: list[str] | None = None) -> dict:
         f"(scores up to {fold['max_abs_score']:.2f}): decoupled RoPE is needed"
     )
 
-    print(f"[2/{n_stages}] measuring cache per token per layer (DeepSeek-V2 Table 1) ...")
+    print(f"[2/{n_stages}] measuring cache elements per token (DeepSeek-V2 Table 1, l = 1) ...")
     v2 = MLAConfig.deepseek_v2()
     table = results["table1"] = table1_cache_elements(v2)
     d_h = table["head_dim"]
+    print(
+        f"  DeepSeek-V2 shapes: n_h {table['n_heads']}, d_h {d_h}, n_g 8, d_c "
+        f"{table['kv_lora_rank']}, d_h^R {table['qk_rope_head_dim']}; Table 1 counts l layers, "
+        "here one"
+    )
+    formula = table["formula_elements_per_token_per_layer"]
     for key, elems in table["elements_per_token_per_layer"].items():
         print(
-            f"  {key:<14} {elems:>7,} elements = {elems / d_h:6.2f} d_h "
-            f"(formula {table['formula_elements_per_token_per_layer'][key]:,})"
+            f"  {key:<14} {table['paper_formula'][key]:<12} {elems:>7,} elements measured = "
+            f"{elems / d_h:6.2f} d_h (formula {formula[key]:,})"
         )
     print(
         f"  MLA = {table['mla_in_units_of_head_dim']:.2f} d_h (paper: about 9/2 d_h), like GQA "
@@ -1441,26 +1469,37 @@ def main(argv: list[str] | None = None) -> dict:
         f"{bench['cache_bytes_per_token_per_layer']['mla']:,} B"
     )
     print(
-        f"  {'context':>7} {'MHA ms':>8} {'naive ms':>9} {'absorbed ms':>11} "
-        f"{'naive/abs':>9} {'FLOP ratio':>10} {'MHA/abs':>8}"
+        "  time ratios > 1 mean absorbed MLA is faster; 'naive/absorbed FLOPs' is what the "
+        "time ratio would be if only matmuls counted"
+    )
+    print(f"  {'':>7} {'time per step (ms)':^30}  {'naive/absorbed':^19}  {'MHA/absorbed':>12}")
+    print(
+        f"  {'context':>7} {'MHA':>8} {'naive MLA':>10} {'absorbed':>10}  {'time':>8} "
+        f"{'FLOPs':>9}  {'time':>12}"
     )
     for i, t in enumerate(contexts):
         print(
-            f"  {t:>7} {bench['time_ms']['mha'][i]:>8.3f} {bench['time_ms']['naive'][i]:>9.3f} "
-            f"{bench['time_ms']['absorbed'][i]:>11.3f} "
-            f"{bench['speedup_absorbed_vs_naive'][i]:>8.1f}x "
-            f"{bench['flop_ratio_naive_vs_absorbed'][i]:>9.1f}x "
-            f"{bench['time_ratio_mha_vs_absorbed'][i]:>7.2f}x"
+            f"  {t:>7} {bench['time_ms']['mha'][i]:>8.3f} {bench['time_ms']['naive'][i]:>10.3f} "
+            f"{bench['time_ms']['absorbed'][i]:>10.3f}  "
+            f"{bench['speedup_absorbed_vs_naive'][i]:>7.1f}x "
+            f"{bench['flop_ratio_naive_vs_absorbed'][i]:>8.1f}x  "
+            f"{bench['time_ratio_mha_vs_absorbed'][i]:>11.2f}x"
         )
     speedup, flop_ratio = (
         bench["speedup_absorbed_vs_naive"][-1],
         bench["flop_ratio_naive_vs_absorbed"][-1],
     )
     print(
-        f"  at {contexts[-1]} tokens absorbed is {speedup:.1f}x faster than naive, "
-        f"{speedup / flop_ratio:.0%} of the {flop_ratio:.1f}x FLOP ratio (FLOPs leave out "
+        f"  at {contexts[-1]} tokens a naive step takes {speedup:.1f}x the time of an absorbed "
+        f"one, {speedup / flop_ratio:.0%} of the {flop_ratio:.1f}x FLOP ratio (FLOPs leave out "
         "reading the cache, the softmax and per-call overhead, which weigh more in absorbed's "
         "small step)"
+    )
+    print(
+        f"  vs MHA at {contexts[-1]} tokens: absorbed MLA does "
+        f"{bench['flop_ratio_absorbed_vs_mha'][-1]:.1f}x MHA's matmul FLOPs per step and reads "
+        f"{bench['cache_bytes_ratio_mha_vs_mla']:.1f}x fewer cache bytes; MHA/absorbed time "
+        f"{bench['time_ratio_mha_vs_absorbed'][-1]:.2f}x"
     )
 
     results["goals"] = {

@@ -310,6 +310,21 @@ def test_decode_flop_formula_matches_torch_flop_counter(q_lora_rank):
     assert mla.decode_flops(cfg, 1000, "naive") > 5 * mla.decode_flops(cfg, 1000, "absorbed")
 
 
+def test_flops_per_cached_token_match_the_docstring():
+    # module docstring: each cached token costs absorbed 2 h (2 d_c + d_rope) FLOPs per step;
+    # naive pays 2 h d_c (d_nope + d_v) just to rebuild its key and value (plus attention)
+    cfg = MLAConfig.deepseek_v2()
+    h, d_c = cfg.n_heads, cfg.kv_lora_rank
+    per_token = {
+        k: mla.decode_flops(cfg, 101, k) - mla.decode_flops(cfg, 100, k)
+        for k in ("absorbed", "naive", "mha")
+    }
+    assert per_token["absorbed"] == 2 * h * (2 * d_c + cfg.qk_rope_head_dim)
+    rebuild = 2 * h * d_c * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    assert per_token["naive"] == rebuild + 2 * h * (cfg.qk_head_dim + cfg.v_head_dim)
+    assert per_token["mha"] == 2 * 2 * h * cfg.qk_nope_head_dim
+
+
 # --- bad input -----------------------------------------------------------------------------------
 
 
@@ -434,6 +449,25 @@ def test_main_quick_writes_figures_and_results(run_main):
         "mla": (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4,
     }
     assert d["flops"]["naive"] == [mla.decode_flops(cfg, t, "naive") for t in d["contexts"]]
+    assert d["cache_bytes_ratio_mha_vs_mla"] == pytest.approx(
+        2 * cfg.n_heads * cfg.qk_nope_head_dim / (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    )
+    assert d["flop_ratio_absorbed_vs_mha"] == pytest.approx(
+        [
+            mla.decode_flops(cfg, t, "absorbed") / mla.decode_flops(cfg, t, "mha")
+            for t in d["contexts"]
+        ]
+    )
+    assert d["time_ratio_mha_vs_absorbed"] == pytest.approx(
+        [m / a for m, a in zip(d["time_ms"]["mha"], d["time_ms"]["absorbed"], strict=True)]
+    )
+    assert r["table1"]["paper_formula"] == {
+        "mha": "2 n_h d_h",
+        "gqa_8_groups": "2 n_g d_h",
+        "mqa": "2 d_h",
+        "mla": "d_c + d_h^R",
+    }
+    assert "Table 1" in run.stdout and "MHA/absorbed" in run.stdout
     g = r["goals"]
     assert set(g) == {
         "absorbed_vs_naive_speedup_at_longest_context",
