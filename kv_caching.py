@@ -1398,13 +1398,23 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), else what ``platform`` knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def machine_info(device: torch.device) -> dict:
     """Where the numbers came from, saved next to them in results.json."""
     info = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "device": str(device),
     }
@@ -1710,9 +1720,9 @@ def main(argv: list[str] | None = None) -> dict:
     picture_ids = torch.randint(config.vocab_size, (1, 12), generator=gen).to(device)
     results["attention_picture"] = attention_picture(model, picture_ids)
     figures = {
-        "decode_latency": plot_decode_latency(b, s),
+        "decode_time": plot_decode_latency(b, s),
         "cumulative_time": plot_cumulative_time(b),
-        "cache_memory": plot_cache_memory(results["memory"]),
+        "cache_vs_context": plot_cache_memory(results["memory"]),
         "real_model_cache": plot_real_model_cache(results["real_models"]),
         "decode_attention": plot_decode_attention(results["attention_picture"]),
     }

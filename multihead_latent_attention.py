@@ -1331,13 +1331,23 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), else what ``platform`` knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def machine_info(device: torch.device) -> dict:
     """Where the numbers came from, saved next to them in results.json."""
     info = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "device": str(device),
     }
@@ -1524,10 +1534,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[5/{n_stages}] drawing figures ...")
     figures = {
         "mla_data_flow": plot_data_flow(v2),
-        "cache_size_vs_context": plot_cache_vs_context(table, DEEPSEEK_LAYERS["deepseek_v2"]),
+        "cache_vs_context": plot_cache_vs_context(table, DEEPSEEK_LAYERS["deepseek_v2"]),
         "real_model_cache": plot_real_models(real),
-        "decode_time_vs_context": plot_decode_time(bench),
-        "decode_flops_vs_context": plot_decode_flops(bench),
+        "decode_time": plot_decode_time(bench),
+        "decode_flops": plot_decode_flops(bench),
     }
     for name, fig in figures.items():
         fig.savefig(args.out / f"{name}.png", dpi=120)

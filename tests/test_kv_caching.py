@@ -462,9 +462,9 @@ def test_unknown_choices_list_the_valid_ones(model):
 def test_main_quick_smoke(run_main):
     run = run_main(kv)
     assert {p.name for p in run.pngs} == {
-        "decode_latency.png",
+        "decode_time.png",
         "cumulative_time.png",
-        "cache_memory.png",
+        "cache_vs_context.png",
         "real_model_cache.png",
         "decode_attention.png",
     }

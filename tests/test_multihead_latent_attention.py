@@ -429,10 +429,10 @@ def test_main_quick_writes_figures_and_results(run_main):
     run = run_main(mla)
     assert {p.name for p in run.pngs} == {
         "mla_data_flow.png",
-        "cache_size_vs_context.png",
+        "cache_vs_context.png",
         "real_model_cache.png",
-        "decode_time_vs_context.png",
-        "decode_flops_vs_context.png",
+        "decode_time.png",
+        "decode_flops.png",
     }
     r = run.results
     assert list(r) == ["meta", "correctness", "table1", "real_models", "decode", "goals"]
