@@ -545,6 +545,9 @@ def mha_to_gqa(attn: nn.Module, n_kv_heads: int) -> GroupedQueryAttention:
 # =============================================================================
 
 
+BENCHMARK_THREADS = 1  # threads median_time_s times with, recorded in results.json
+
+
 def median_time_s(fn, min_run_time: float = 0.2) -> float:
     """Median seconds per call of ``fn()`` by ``torch.utils.benchmark`` (warm-up, device sync)."""
     # Imported here, not at the top: importing it loads torch.utils.cpp_extension, which logs
@@ -556,8 +559,9 @@ def median_time_s(fn, min_run_time: float = 0.2) -> float:
         from torch.utils import benchmark
     finally:
         cpp_logger.setLevel(level)
-    # All of this process's threads (the Timer's default is one), as the model would really run.
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    # One thread (the Timer's default): the small kernels timed here give steadier numbers on
+    # one core than when threads must synchronise, and the ratios, not the speed, are the point.
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=BENCHMARK_THREADS)
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
@@ -1360,6 +1364,7 @@ def machine_info(device: torch.device) -> dict:
         "platform": platform.platform(),
         "processor": cpu_name(),
         "cpu_threads": torch.get_num_threads(),
+        "benchmark_threads": BENCHMARK_THREADS,
         "device": str(device),
     }
     if device.type == "cuda":
