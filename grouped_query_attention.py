@@ -75,7 +75,7 @@ with a latent: see ``multihead_latent_attention.py``.)
 
 Run it
 ------
-    uv run python grouped_query_attention.py           # default sizes (about 1 min, 2-core CPU)
+    uv run python grouped_query_attention.py           # default sizes (about 35 s on a 2-core CPU)
     uv run python grouped_query_attention.py --quick   # small sizes, under 10 s
     uv run python grouped_query_attention.py --out DIR --no-show --device cpu --seed 0
 

@@ -70,7 +70,7 @@ queries share the cost of rebuilding keys and values, the naive (expanded) form 
 
 Run it
 ------
-    uv run python multihead_latent_attention.py          # default sizes (~20-30 s on a 2-core CPU)
+    uv run python multihead_latent_attention.py          # default sizes (about 12 s, 2-core CPU)
     uv run python multihead_latent_attention.py --quick  # small sizes, ~10 s
     uv run python multihead_latent_attention.py --out DIR --no-show --device cpu --seed 0
 

@@ -77,7 +77,7 @@ YaRN: Qwen2.5 long-context, DeepSeek-V3; Llama 3.1 scaling: Llama 3.1-3.3.
 
 Run it
 ------
-    uv run python positional_embeddings.py              # default sizes (about 15 s on a 2-core CPU)
+    uv run python positional_embeddings.py              # default sizes (about 7 s on a 2-core CPU)
     uv run python positional_embeddings.py --quick      # small sizes, a few seconds
     uv run python positional_embeddings.py --out DIR --no-show --device cpu --seed 0
 

@@ -85,7 +85,7 @@ The experiments
 
 Run it
 ------
-    uv run python swiglu.py              # default sizes (about 1-2 min on a 2-core CPU)
+    uv run python swiglu.py              # default sizes (about 70 s on a 2-core CPU)
     uv run python swiglu.py --quick      # small sizes, a few seconds after the imports
     uv run python swiglu.py --out DIR --no-show --device cpu --seed 0 --seeds 5 --steps 1000
 
