@@ -139,9 +139,37 @@ def causal_mask(q_len: int, kv_len: int, device=None) -> torch.Tensor:
     return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
 
 
+def _check_cache_sizes(batch_size: int, n_heads: int, max_seq_len: int, head_dim: int) -> None:
+    """Both caches: every buffer dimension is a positive integer."""
+    for name, value in [
+        ("batch_size", batch_size),
+        ("n_heads", n_heads),
+        ("max_seq_len", max_seq_len),
+        ("head_dim", head_dim),
+    ]:
+        if value < 1:
+            raise ValueError(f"{name} ({value}) must be >= 1")
+
+
+def _check_cache_kv(
+    k: torch.Tensor, v: torch.Tensor, batch_size: int, n_heads: int, head_dim: int
+) -> None:
+    """k and v must be (batch_size, n_heads, n, head_dim) for this cache, with the same n."""
+    for name, t in (("k", k), ("v", v)):
+        if t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != (batch_size, n_heads, head_dim):
+            raise ValueError(
+                f"{name} (shape {tuple(t.shape)}) must have shape (batch_size, n_heads, n, "
+                f"head_dim) = ({batch_size}, {n_heads}, n, {head_dim})"
+            )
+    if v.shape != k.shape:
+        raise ValueError(f"v (shape {tuple(v.shape)}) must have the shape of k {tuple(k.shape)}")
+
+
 def _check_cache_write(start_pos: int, n: int, length: int, max_seq_len: int) -> None:
-    """The two rules every cache enforces: no gap before start_pos, no write past the end."""
-    if start_pos < 0 or start_pos > length:
+    """The rules every cache enforces: start_pos >= 0, no gap before it, no write past the end."""
+    if start_pos < 0:
+        raise ValueError(f"start_pos ({start_pos}) must be >= 0")
+    if start_pos > length:
         raise ValueError(
             f"start_pos ({start_pos}) would leave a gap: the cache holds {length} tokens, "
             f"so start_pos must be <= {length}"
@@ -173,8 +201,10 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device=None,
     ) -> None:
+        _check_cache_sizes(batch_size, n_heads, max_seq_len, head_dim)
+        self.batch_size, self.n_heads = batch_size, n_heads
+        self.max_seq_len, self.head_dim = max_seq_len, head_dim
         shape = (batch_size, n_heads, max_seq_len, head_dim)
-        self.max_seq_len = max_seq_len
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0  # number of filled positions
@@ -183,6 +213,7 @@ class KVCache:
         self, k: torch.Tensor, v: torch.Tensor, start_pos: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (batch, n_heads, n, head_dim) at ``start_pos``; return the prefix views."""
+        _check_cache_kv(k, v, self.batch_size, self.n_heads, self.head_dim)
         n = k.shape[2]
         _check_cache_write(start_pos, n, self.length, self.max_seq_len)
         self.k_cache[:, :, start_pos : start_pos + n] = k
@@ -219,7 +250,9 @@ class ConcatKVCache:
         dtype: torch.dtype = torch.float32,
         device=None,
     ) -> None:
-        self.max_seq_len = max_seq_len
+        _check_cache_sizes(batch_size, n_heads, max_seq_len, head_dim)
+        self.batch_size, self.n_heads = batch_size, n_heads
+        self.max_seq_len, self.head_dim = max_seq_len, head_dim
         self.k_cache = torch.zeros(batch_size, n_heads, 0, head_dim, dtype=dtype, device=device)
         self.v_cache = torch.zeros(batch_size, n_heads, 0, head_dim, dtype=dtype, device=device)
         self.length = 0
@@ -227,6 +260,8 @@ class ConcatKVCache:
     def update(
         self, k: torch.Tensor, v: torch.Tensor, start_pos: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (batch, n_heads, n, head_dim) at ``start_pos``; return the new tensors."""
+        _check_cache_kv(k, v, self.batch_size, self.n_heads, self.head_dim)
         n = k.shape[2]
         _check_cache_write(start_pos, n, self.length, self.max_seq_len)
         # (batch, n_heads, start_pos + n, head_dim): a fresh tensor, the old prefix copied in.
@@ -431,7 +466,9 @@ class GPT(nn.Module):
         seq_len = idx.shape[1]
         if cache is None and start_pos != 0:
             raise ValueError(f"start_pos ({start_pos}) must be 0 when no cache is given")
-        if start_pos < 0 or start_pos + seq_len > self.config.max_seq_len:
+        if start_pos < 0:
+            raise ValueError(f"start_pos ({start_pos}) must be >= 0")
+        if start_pos + seq_len > self.config.max_seq_len:
             raise ValueError(
                 f"start_pos ({start_pos}) + seq_len ({seq_len}) must lie in "
                 f"[1, max_seq_len ({self.config.max_seq_len})]: the position embedding has "
@@ -1233,7 +1270,8 @@ METHOD_STYLE = {
 }
 
 
-def plot_decode_latency(bench: dict, scaling: dict) -> plt.Figure:
+def plot_decode_time(bench: dict, scaling: dict) -> plt.Figure:
+    """decode_time.png: per-step time vs context; uncached rises, cached stays flat."""
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     for method, ms in bench["step_ms"].items():
         style = METHOD_STYLE[method]
@@ -1256,6 +1294,7 @@ def plot_decode_latency(bench: dict, scaling: dict) -> plt.Figure:
 
 
 def plot_cumulative_time(bench: dict) -> plt.Figure:
+    """cumulative_time.png: total generation time, quadratic without a cache, linear with."""
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     all_positions = np.arange(bench["prompt_len"], bench["total_len"] - 1)
     n_tokens = np.arange(1, len(all_positions) + 2)  # the prefill makes the first token
@@ -1279,7 +1318,8 @@ def plot_cumulative_time(bench: dict) -> plt.Figure:
     return fig
 
 
-def plot_cache_memory(memory: dict) -> plt.Figure:
+def plot_cache_vs_context(memory: dict) -> plt.Figure:
+    """cache_vs_context.png: cache bytes grow linearly with context; measured = formula."""
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     for dtype, color in (("float32", "tab:blue"), ("bfloat16", "tab:green")):
         rows = [r for r in memory["rows"] if r["dtype"] == dtype]
@@ -1317,6 +1357,7 @@ def plot_cache_memory(memory: dict) -> plt.Figure:
 
 
 def plot_real_model_cache(real: dict) -> plt.Figure:
+    """real_model_cache.png: real models' cache sizes at long context; GQA and MLA shrink it."""
     fig, ax = plt.subplots(figsize=(10, 5), layout="constrained")
     rows = real["rows"]
     x = np.arange(len(rows))
@@ -1361,6 +1402,7 @@ def plot_real_model_cache(real: dict) -> plt.Figure:
 
 
 def plot_decode_attention(picture: dict) -> plt.Figure:
+    """decode_attention.png: a cached decode step computes one score row, not the square."""
     weights = np.array(picture["weights"])
     n = weights.shape[0]
     fig, axes = plt.subplots(1, 2, figsize=(11, 5), layout="constrained")
@@ -1503,6 +1545,7 @@ SIZES = {
 
 
 def print_correctness(c: dict) -> None:
+    """Stage 1: cached vs uncached logits and ids, chunked prefill, explicit vs SDPA."""
     print(f"  {c['n_new_tokens']} greedy tokens after a {c['prompt_len']}-token prompt")
     for kind in CACHE_KINDS:
         print(
@@ -1521,8 +1564,9 @@ def print_correctness(c: dict) -> None:
 
 
 def print_decode(b: dict, s: dict) -> None:
+    """Stage 2: per-step times and FLOPs, total generation time and speedups."""
     print(
-        f"  {'context':>8s} {'no cache':>10s} {'concat':>10s} {'static':>10s}   "
+        f"  {'context':>8s} {'no cache':>11s} {'concat':>11s} {'static':>11s}   "
         f"{'GFLOP no cache':>14s} {'GFLOP cached':>12s}"
     )
     for i, n in enumerate(s["kv_lens"]):
@@ -1530,7 +1574,7 @@ def print_decode(b: dict, s: dict) -> None:
         flops = [s["flops_per_step"][m][i] / 1e9 for m in ("no_cache", "static")]
         print(
             f"  {n:8d} "
-            + " ".join(f"{t:8.3f}ms" for t in ms)
+            + " ".join(f"{t:8.3f} ms" for t in ms)
             + f"   {flops[0]:14.4f} {flops[1]:12.4f}"
         )
     print(
@@ -1558,6 +1602,7 @@ def print_decode(b: dict, s: dict) -> None:
 
 
 def print_concat_cost(cc: dict) -> None:
+    """Stage 2: why concat is slower than static (bytes copied per step), here and at scale."""
     print(
         f"  concat's extra work at context {cc['position'] + 1}: each step copies "
         f"{cc['bytes_copied_per_step'] / 2**20:.1f} MiB of cached K, V into new tensors"
@@ -1584,21 +1629,22 @@ def print_concat_cost(cc: dict) -> None:
 
 
 def print_memory(mem: dict, real: dict) -> None:
-    print(f"  {'dtype':>8s} {'tokens':>7s} {'static':>10s} {'concat':>10s} {'formula':>10s}")
+    """Stage 3: measured vs formula cache bytes, then real models' cache sizes."""
+    print(f"  {'dtype':>8s} {'tokens':>7s} {'static':>11s} {'concat':>11s} {'formula':>11s}")
     for r in mem["rows"]:
         mib = [r[key] / 2**20 for key in ("static_bytes", "concat_bytes", "formula_bytes")]
-        print(f"  {r['dtype']:>8s} {r['seq_len']:7d} " + " ".join(f"{x:7.3f}MiB" for x in mib))
+        print(f"  {r['dtype']:>8s} {r['seq_len']:7d} " + " ".join(f"{x:7.3f} MiB" for x in mib))
     print(f"  measured equals formula: {mem['measured_equals_formula']}")
     print("  real models, one sequence in bf16:")
     print(
-        f"  {'model':>18s} {'type':>10s} {'per token':>10s} "
-        + " ".join(f"{n // 1024:>7d}K" for n in real["contexts"])
+        f"  {'model':>18s} {'type':>10s} {'per token':>11s} "
+        + " ".join(f"{n // 1024:>8d}K" for n in real["contexts"])
     )
     for r in real["rows"]:
         sizes = [r["at_context_bytes"][str(n)] / 2**30 for n in real["contexts"]]
         print(
-            f"  {r['name']:>18s} {r['kind']:>10s} {r['per_token_bytes'] / 2**10:7.1f}KiB "
-            + " ".join(f"{x:5.2f}GiB" for x in sizes)
+            f"  {r['name']:>18s} {r['kind']:>10s} {r['per_token_bytes'] / 2**10:7.1f} KiB "
+            + " ".join(f"{x:5.2f} GiB" for x in sizes)
         )
     ds = real["rows"][-1]
     print(
@@ -1609,6 +1655,7 @@ def print_memory(mem: dict, real: dict) -> None:
 
 
 def print_bandwidth(bw: dict) -> None:
+    """Stage 4: machine bandwidth and what share of it a decode step achieves."""
     print(
         f"  this machine: copy {bw['copy_bandwidth_gb_per_s']:.1f} GB/s (copying "
         f"{bw['copy_bytes'] / 2**20:.0f} MiB), matrix-vector product "
@@ -1638,6 +1685,7 @@ def print_bandwidth(bw: dict) -> None:
 
 
 def print_hf_demo(hf: dict) -> None:
+    """Stage 5: the Hugging Face GPT-2 text and its cache speedup, or why it was skipped."""
     if not hf["available"]:
         print(f"  skipped: {hf['reason']}")
         return
@@ -1650,6 +1698,7 @@ def print_hf_demo(hf: dict) -> None:
 
 
 def print_goals(g: dict) -> None:
+    """The issue's goals with their measured values."""
     print(
         f"  goals: static {g['static_vs_no_cache_speedup']:.1f}x faster than no cache "
         f"(>= 10x: {g['static_at_least_10x_faster']}); last/first static step "
@@ -1681,13 +1730,13 @@ def main(argv: list[str] | None = None) -> dict:
     model = GPT(config).to(device).eval()
     n_params = sum(p.numel() for p in model.parameters())
     results["config"] = {**config.__dict__, "head_dim": config.head_dim, "n_params": n_params}
+    gen = torch.Generator().manual_seed(args.seed)
+
+    print(f"[1/{n_stages}] checking correctness: cached vs uncached generation ...")
     print(
         f"model: {config.n_layers} layers, d_model {config.d_model}, {config.n_heads} heads, "
         f"vocab {config.vocab_size}, {n_params / 1e6:.2f}M parameters"
     )
-    gen = torch.Generator().manual_seed(args.seed)
-
-    print(f"[1/{n_stages}] checking correctness: cached vs uncached generation ...")
     prompt = torch.randint(config.vocab_size, (1, size["prompt_len"]), generator=gen).to(device)
     results["correctness"] = check_correctness(model, prompt, size["correctness_tokens"])
     print_correctness(results["correctness"])
@@ -1737,9 +1786,9 @@ def main(argv: list[str] | None = None) -> dict:
     picture_ids = torch.randint(config.vocab_size, (1, 12), generator=gen).to(device)
     results["attention_picture"] = attention_picture(model, picture_ids)
     figures = {
-        "decode_time": plot_decode_latency(b, s),
+        "decode_time": plot_decode_time(b, s),
         "cumulative_time": plot_cumulative_time(b),
-        "cache_vs_context": plot_cache_memory(results["memory"]),
+        "cache_vs_context": plot_cache_vs_context(results["memory"]),
         "real_model_cache": plot_real_model_cache(results["real_models"]),
         "decode_attention": plot_decode_attention(results["attention_picture"]),
     }

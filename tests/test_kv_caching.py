@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import replace
 
 import pytest
@@ -368,6 +369,8 @@ def test_from_hf_gpt2_matches_transformers():
             p.add_(0.1 * torch.randn_like(p))
     ours = GPT.from_hf_gpt2(hf).eval()
     ids = prompt_ids(batch=2, length=9)
+    # No explicit causal mask at model level: GPT2LMHeadModel builds its own causal mask inside,
+    # and its attention_mask argument only masks padding (all ones here: no padding).
     with torch.no_grad():
         expected = hf(ids, attention_mask=torch.ones_like(ids)).logits
         torch.testing.assert_close(ours(ids), expected, atol=ATOL, rtol=0)
@@ -424,6 +427,55 @@ def test_start_pos_must_not_leave_a_gap(model):
         model(prompt_ids(length=1), caches, start_pos=4)
     with pytest.raises(ValueError, match=r"start_pos \(2\) must be 0 when no cache is given"):
         model(prompt_ids(length=1), start_pos=2)
+
+
+@pytest.mark.parametrize("kind", ["static", "concat"])
+def test_negative_start_pos(model, kind):
+    cache = kv.CACHE_KINDS[kind](1, 2, 8, 4)
+    k = torch.zeros(1, 2, 1, 4)
+    with pytest.raises(ValueError, match=r"^start_pos \(-1\) must be >= 0$"):
+        cache.update(k, k, -1)
+    assert cache.length == 0  # nothing was written
+    caches = model.make_cache(1, kind)
+    with pytest.raises(ValueError, match=r"^start_pos \(-1\) must be >= 0$"):
+        model(prompt_ids(length=1), caches, start_pos=-1)
+
+
+@pytest.mark.parametrize("kind", ["static", "concat"])
+@pytest.mark.parametrize("arg", ["batch_size", "n_heads", "max_seq_len", "head_dim"])
+@pytest.mark.parametrize("value", [0, -2])
+def test_cache_sizes_must_be_at_least_1(kind, arg, value):
+    sizes = {"batch_size": 1, "n_heads": 2, "max_seq_len": 8, "head_dim": 4, arg: value}
+    with pytest.raises(ValueError, match=rf"^{arg} \({value}\) must be >= 1$"):
+        kv.CACHE_KINDS[kind](**sizes)
+
+
+@pytest.mark.parametrize("kind", ["static", "concat"])
+@pytest.mark.parametrize(
+    ("bad_shape", "why"),
+    [
+        ((2, 2, 1, 4), "batch"),
+        ((1, 3, 1, 4), "n_heads"),
+        ((1, 2, 1, 5), "head_dim"),
+        ((2, 1, 4), "not 4-d"),
+    ],
+)
+def test_cache_update_checks_k_and_v_shapes(kind, bad_shape, why):
+    cache = kv.CACHE_KINDS[kind](1, 2, 8, 4)
+    good, bad = torch.zeros(1, 2, 1, 4), torch.zeros(bad_shape)
+    expected = r"must have shape \(batch_size, n_heads, n, head_dim\) = \(1, 2, n, 4\)"
+    with pytest.raises(ValueError, match=rf"^k \(shape {re.escape(str(bad_shape))}\) {expected}"):
+        cache.update(bad, good, 0)
+    with pytest.raises(ValueError, match=rf"^v \(shape {re.escape(str(bad_shape))}\) {expected}"):
+        cache.update(good, bad, 0)
+    assert cache.length == 0, why
+
+
+@pytest.mark.parametrize("kind", ["static", "concat"])
+def test_cache_update_needs_as_many_values_as_keys(kind):
+    cache = kv.CACHE_KINDS[kind](1, 2, 8, 4)
+    with pytest.raises(ValueError, match=r"v \(shape \(1, 2, 3, 4\)\) must have the shape of k"):
+        cache.update(torch.zeros(1, 2, 2, 4), torch.zeros(1, 2, 3, 4), 0)
 
 
 def test_temperature_must_not_be_negative(model):
