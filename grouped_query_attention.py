@@ -76,7 +76,7 @@ with a latent: see ``multihead_latent_attention.py``.)
 Run it
 ------
     uv run python grouped_query_attention.py           # default sizes (about 35 s on a 2-core CPU)
-    uv run python grouped_query_attention.py --quick   # small sizes, under 10 s
+    uv run python grouped_query_attention.py --quick   # small sizes, a few seconds
     uv run python grouped_query_attention.py --out DIR --no-show --device cpu --seed 0
 
 It prints each check and measurement, saves every figure as PNG and every printed number in
@@ -113,6 +113,7 @@ from pathlib import Path
 
 import matplotlib
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import numpy as np
 import torch
 import torch.nn as nn
@@ -172,6 +173,23 @@ def kv_cache_bytes(
     return 2 * n_layers * batch_size * n_kv_heads * seq_len * head_dim * bytes_per
 
 
+def _check_cache_write(start_pos: int, n: int, length: int, max_seq_len: int) -> None:
+    """The shared cache rules: no gap before ``start_pos``, no write past ``max_seq_len``."""
+    if start_pos < 0:
+        raise ValueError(f"start_pos ({start_pos}) must be >= 0")
+    if start_pos > length:
+        raise ValueError(
+            f"start_pos ({start_pos}) would leave a gap: the cache holds {length} tokens, "
+            f"so start_pos must be <= {length}"
+        )
+    if start_pos + n > max_seq_len:
+        raise ValueError(
+            f"cache overflow: writing {n} tokens at start_pos {start_pos} needs "
+            f"{start_pos + n} positions, but max_seq_len is {max_seq_len} "
+            f"(room for {max_seq_len - start_pos} more)"
+        )
+
+
 class KVCache:
     """Pre-allocated key/value cache of one attention layer, holding only the n_kv_heads KV heads.
 
@@ -217,19 +235,7 @@ class KVCache:
                 f"{expected[2]})"
             )
         n = k.shape[2]
-        if start_pos < 0:
-            raise ValueError(f"start_pos ({start_pos}) must be >= 0")
-        if start_pos > self.length:
-            raise ValueError(
-                f"start_pos ({start_pos}) would leave a gap: the cache holds {self.length} tokens, "
-                f"so start_pos must be <= {self.length}"
-            )
-        if start_pos + n > self.max_seq_len:
-            raise ValueError(
-                f"cache overflow: writing {n} tokens at start_pos {start_pos} needs "
-                f"{start_pos + n} positions, but max_seq_len is {self.max_seq_len} "
-                f"(room for {self.max_seq_len - start_pos} more)"
-            )
+        _check_cache_write(start_pos, n, self.length, self.max_seq_len)
         self.k_cache[:, :, start_pos : start_pos + n] = k
         self.v_cache[:, :, start_pos : start_pos + n] = v
         self.length = start_pos + n
@@ -237,7 +243,9 @@ class KVCache:
         return self.k_cache[:, :, : self.length], self.v_cache[:, :, : self.length]
 
     def reset(self) -> None:
-        """Forget every position (the buffers stay allocated)."""
+        """Forget every token (zero the buffers, so a stale read would show as wrong output)."""
+        self.k_cache.zero_()
+        self.v_cache.zero_()
         self.length = 0
 
     @property
@@ -709,7 +717,8 @@ class MatmulFlopCounter(_LightDispatchMode):
         return out
 
 
-def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute elementwise difference between a and b."""
     return (a - b).abs().max().item()
 
 
@@ -723,23 +732,23 @@ def check_correctness(device: torch.device, atol: float = 1e-5) -> dict:
         mha = MultiHeadAttention(d_model, n_heads, max_seq_len=32).to(device)
         gqa_full = GroupedQueryAttention(d_model, n_heads, n_heads, max_seq_len=32).to(device)
         gqa_full.load_state_dict(mha.state_dict(), strict=True)
-        out["mha_vs_gqa_max_abs_err"] = max_abs(mha(x), gqa_full(x))
+        out["mha_vs_gqa_max_abs_err"] = max_abs_err(mha(x), gqa_full(x))
         per_kv = {}
         for n_kv in (n_heads, 2, 1):
             attn = GroupedQueryAttention(d_model, n_heads, n_kv, max_seq_len=32).to(device)
             full = attn(x, sharing="repeat_kv")
-            err_methods = max(max_abs(full, attn(x, sharing=m)) for m in ("grouped", "sdpa"))
+            err_methods = max(max_abs_err(full, attn(x, sharing=m)) for m in ("grouped", "sdpa"))
             decode_err = chunk_err = 0.0
             for method in SHARING_METHODS:
                 cache = attn.new_cache(2)
                 steps = [attn(x[:, i : i + 1], i, cache, method) for i in range(seq_len)]
-                decode_err = max(decode_err, max_abs(torch.cat(steps, dim=1), full))
+                decode_err = max(decode_err, max_abs_err(torch.cat(steps, dim=1), full))
                 cache = attn.new_cache(2)
                 chunks, pos = [], 0
                 for size in (5, 4, 3):  # 5 + 4 + 3 = seq_len
                     chunks.append(attn(x[:, pos : pos + size], pos, cache, method))
                     pos += size
-                chunk_err = max(chunk_err, max_abs(torch.cat(chunks, dim=1), full))
+                chunk_err = max(chunk_err, max_abs_err(torch.cat(chunks, dim=1), full))
             per_kv[str(n_kv)] = {
                 "sharing_methods_max_abs_err": err_methods,
                 "cached_decode_max_abs_err": decode_err,
@@ -1134,7 +1143,7 @@ def analyze_conversion(d_model: int, n_heads: int, noise: float, device) -> dict
             ]:
                 y, y_gqa = mha(x), mha_to_gqa(mha, n_kv)(x)
                 row[f"relative_err_{kind}"] = ((y_gqa - y).norm() / y.norm()).item()
-                row[f"max_abs_err_{kind}"] = max_abs(y_gqa, y)
+                row[f"max_abs_err_{kind}"] = max_abs_err(y_gqa, y)
             rows.append(row)
     return {"d_model": d_model, "n_heads": n_heads, "similar_noise": noise, "rows": rows}
 
@@ -1145,6 +1154,13 @@ def analyze_conversion(d_model: int, n_heads: int, noise: float, device) -> dict
 
 METHOD_STYLE = {"grouped": "-", "repeat_kv": "--", "sdpa": ":"}
 CONFIG_COLOR = {"MHA": "tab:red", "GQA": "tab:blue", "MQA": "tab:green"}
+
+
+def tokens_label(n_tokens: int) -> str:
+    """A context length as a tick label: "512", "4K", "1,536" (exact at every size)."""
+    if n_tokens >= 1024 and n_tokens % 1024 == 0:
+        return f"{n_tokens // 1024}K"
+    return f"{n_tokens:,}"
 
 
 def plot_head_sharing(n_heads: int = 8) -> plt.Figure:
@@ -1194,7 +1210,7 @@ def plot_cache_vs_context(real: dict) -> plt.Figure:
     return fig
 
 
-def plot_real_models(real: dict, context_index: int = 1) -> plt.Figure:
+def plot_real_model_cache(real: dict, context_index: int = 1) -> plt.Figure:
     """Actual (GQA) vs same-shape MHA cache per model at one context."""
     models = real["models"]
     t = real["context_lengths"][context_index]
@@ -1221,8 +1237,8 @@ def plot_real_models(real: dict, context_index: int = 1) -> plt.Figure:
             fontsize=9,
         )
     ax.set_xticks(x, [r["name"] for r in models], rotation=20)
-    ax.set_ylabel(f"KV cache at {t // 1024}K tokens (GiB, bf16)")
-    ax.set_title(f"Released models' KV cache at {t // 1024}K tokens, and the reduction vs MHA")
+    ax.set_ylabel(f"KV cache at {tokens_label(t)} tokens (GiB, bf16)")
+    ax.set_title(f"Released models' KV cache at {tokens_label(t)} tokens, and the reduction vs MHA")
     ax.set_ylim(0, 1.3 * max(mha))  # room for the legend above the bars
     ax.legend(loc="upper center", ncol=2)
     return fig
@@ -1230,28 +1246,40 @@ def plot_real_models(real: dict, context_index: int = 1) -> plt.Figure:
 
 def plot_decode_time(decode: dict) -> plt.Figure:
     """Decode step time vs context for MHA, GQA and MQA, each through the three methods."""
-    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    fig, ax = plt.subplots(figsize=(8.5, 4.5), layout="constrained")
     t = decode["context_lengths"]
     for name, cfg in decode["configs"].items():
         for method, style in METHOD_STYLE.items():
-            ax.plot(
-                t,
-                cfg["step_ms"][method],
-                ls=style,
-                marker="o",
-                ms=3,
-                color=CONFIG_COLOR[name],
-                label=f"{name} (n_kv_heads={cfg['n_kv_heads']}), {method}",
-            )
+            ax.plot(t, cfg["step_ms"][method], ls=style, marker="o", ms=3, color=CONFIG_COLOR[name])
     ratio = decode["configs"]["GQA"]["step_ratio_vs_mha"]["grouped"][-1]
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xticks(t, [f"{v // 1024}K" for v in t])
+    ax.set_xticks(t, [tokens_label(v) for v in t])
     ax.minorticks_off()
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.set_xlabel("cached context length (tokens)")
-    ax.set_ylabel("time per decode step (ms, log)")
-    ax.set_title(f"Decode step: GQA takes {ratio:.2f}x MHA's time at {t[-1] // 1024}K tokens")
-    ax.legend(fontsize=7, ncol=1)
+    ax.set_ylabel("time per decode step (ms, log scale)")
+    ax.set_title(f"Decode step: GQA takes {ratio:.2f}x MHA's time at {tokens_label(t[-1])} tokens")
+    # Two small legends instead of one of 9 entries: colour = config, line style = method,
+    configs = [
+        matplotlib.lines.Line2D(
+            [],
+            [],
+            color=CONFIG_COLOR[n],
+            marker="o",
+            ms=3,
+            label=f"{n} (n_kv_heads={c['n_kv_heads']})",
+        )
+        for n, c in decode["configs"].items()
+    ]
+    methods = [
+        matplotlib.lines.Line2D([], [], color="black", ls=s, label=m)
+        for m, s in METHOD_STYLE.items()
+    ]
+    # outside the axes, so no measured line is ever hidden behind them.
+    fig.legend(handles=configs, loc="outside right upper", title="config (colour)")
+    fig.legend(handles=methods, loc="outside right lower", title="sharing (line style)")
     return fig
 
 
@@ -1288,7 +1316,7 @@ def plot_sharing_methods(decode: dict) -> plt.Figure:
     t = decode["context_lengths"][-1]
     ax_t.set_xticks(x, labels)
     ax_t.set_ylabel("attention core time (ms)")
-    ax_t.set_title(f"Attention core at {t // 1024}K tokens: repeat_kv pays for its copy")
+    ax_t.set_title(f"Attention core at {tokens_label(t)} tokens: repeat_kv pays for its copy")
     ax_m.set_xticks(x, labels)
     ax_m.set_yscale("log")
     ax_m.set_ylabel("peak memory allocated in one step (MiB, log)")
@@ -1471,17 +1499,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(f"[3/{n_stages}] KV cache of released models ...")
     real = results["real_models"] = analyze_real_models()
-    ctx_heads = " ".join(f"{f'at {t // 1024}K':>10}" for t in real["context_lengths"])
+    ctx_heads = " ".join(f"{f'at {tokens_label(t)}':>10}" for t in real["context_lengths"])
     print(
         f"  {'model':<13} {'layers':>6} {'heads':>5} {'kv':>3} {'per token':>10} {ctx_heads} "
         f"{'MHA at 128K':>12} {'vs MHA':>7}"
     )
     for r in real["models"]:
-        cols = " ".join(f"{b / 2**30:>8.1f}Gi" for b in r["bytes_at_context"])
+        cols = " ".join(f"{b / 2**30:>6.1f} GiB" for b in r["bytes_at_context"])
         print(
             f"  {r['name']:<13} {r['n_layers']:>6} {r['n_heads']:>5} {r['n_kv_heads']:>3} "
-            f"{r['per_token_bytes'] / 2**10:>7.0f}KiB {cols} "
-            f"{r['mha_bytes_at_context'][-1] / 2**30:>10.1f}Gi {r['reduction_vs_mha']:>6.0f}x"
+            f"{r['per_token_bytes'] / 2**10:>6.0f} KiB {cols} "
+            f"{r['mha_bytes_at_context'][-1] / 2**30:>8.1f} GiB {r['reduction_vs_mha']:>6.0f}x"
         )
 
     print(f"[4/{n_stages}] benchmarking decode steps ...")
@@ -1586,7 +1614,7 @@ def main(argv: list[str] | None = None) -> dict:
     figures = {
         "head_sharing": plot_head_sharing(),
         "cache_vs_context": plot_cache_vs_context(real),
-        "real_model_cache": plot_real_models(real),
+        "real_model_cache": plot_real_model_cache(real),
         "decode_time": plot_decode_time(dec),
         "sharing_methods": plot_sharing_methods(dec),
         "conversion_error": plot_conversion_error(conv),

@@ -71,7 +71,7 @@ queries share the cost of rebuilding keys and values, the naive (expanded) form 
 Run it
 ------
     uv run python multihead_latent_attention.py          # default sizes (about 12 s, 2-core CPU)
-    uv run python multihead_latent_attention.py --quick  # small sizes, ~10 s
+    uv run python multihead_latent_attention.py --quick  # small sizes, a few seconds
     uv run python multihead_latent_attention.py --out DIR --no-show --device cpu --seed 0
 
 It prints each check and measurement, saves every figure as PNG and every printed number in
@@ -274,7 +274,7 @@ def causal_mask(q_len: int, kv_len: int, device=None) -> torch.Tensor:
     return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
 
 
-def check_cache_write(start_pos: int, n: int, length: int, max_seq_len: int) -> None:
+def _check_cache_write(start_pos: int, n: int, length: int, max_seq_len: int) -> None:
     """The shared cache rules: no gap before ``start_pos``, no write past ``max_seq_len``."""
     if start_pos < 0:
         raise ValueError(f"start_pos ({start_pos}) must be >= 0")
@@ -306,7 +306,7 @@ class LatentKVCache:
         max_seq_len: int,
         kv_lora_rank: int,
         qk_rope_head_dim: int,
-        dtype=torch.float32,
+        dtype: torch.dtype = torch.float32,
         device=None,
     ) -> None:
         for name, value in (
@@ -315,8 +315,8 @@ class LatentKVCache:
             ("kv_lora_rank", kv_lora_rank),
             ("qk_rope_head_dim", qk_rope_head_dim),
         ):
-            if value <= 0:
-                raise ValueError(f"{name} ({value}) must be a positive integer")
+            if value < 1:
+                raise ValueError(f"{name} ({value}) must be >= 1")
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
         self.kv_lora_rank, self.qk_rope_head_dim = kv_lora_rank, qk_rope_head_dim
         self.kv_cache = torch.zeros(
@@ -342,7 +342,7 @@ class LatentKVCache:
                     f"n, {expected[name][1]})"
                 )
         n = c_kv.shape[1]
-        check_cache_write(start_pos, n, self.length, self.max_seq_len)
+        _check_cache_write(start_pos, n, self.length, self.max_seq_len)
         end = start_pos + n
         self.kv_cache[:, start_pos:end] = c_kv
         self.pe_cache[:, start_pos:end] = k_pe
@@ -513,18 +513,37 @@ class KVCache:
         n_kv_heads: int,
         max_seq_len: int,
         head_dim: int,
-        dtype=torch.float32,
+        dtype: torch.dtype = torch.float32,
         device=None,
     ) -> None:
+        for name, value in (
+            ("batch_size", batch_size),
+            ("n_kv_heads", n_kv_heads),
+            ("max_seq_len", max_seq_len),
+            ("head_dim", head_dim),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} ({value}) must be >= 1")
+        self.batch_size, self.n_kv_heads = batch_size, n_kv_heads
+        self.max_seq_len, self.head_dim = max_seq_len, head_dim
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
-        self.max_seq_len = max_seq_len
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int):
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor, start_pos: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (batch, n_kv_heads, n, head_dim) at start_pos; return views of the prefix."""
+        expected = (self.batch_size, self.n_kv_heads, self.head_dim)
+        if k.dim() != 4 or (k.shape[0], k.shape[1], k.shape[3]) != expected or v.shape != k.shape:
+            raise ValueError(
+                f"k and v (shapes {tuple(k.shape)} and {tuple(v.shape)}) must both have shape "
+                f"(batch_size, n_kv_heads, n, head_dim) = ({expected[0]}, {expected[1]}, n, "
+                f"{expected[2]})"
+            )
         n = k.shape[2]
-        check_cache_write(start_pos, n, self.length, self.max_seq_len)
+        _check_cache_write(start_pos, n, self.length, self.max_seq_len)
         end = start_pos + n
         self.k_cache[:, :, start_pos:end] = k
         self.v_cache[:, :, start_pos:end] = v
@@ -532,6 +551,7 @@ class KVCache:
         return self.k_cache[:, :, :end], self.v_cache[:, :, :end]
 
     def reset(self) -> None:
+        """Forget every token (zero the buffers, so a stale read would show as wrong output)."""
         self.k_cache.zero_()
         self.v_cache.zero_()
         self.length = 0
@@ -556,10 +576,11 @@ class MultiHeadAttention(nn.Module):
         batch, seq_len, _ = x.shape
         shape = (batch, seq_len, self.n_heads, self.head_dim)
         q = self.q_proj(x).view(shape).transpose(1, 2)  # (batch, n_heads, seq_len, head_dim)
-        k = self.k_proj(x).view(shape).transpose(1, 2)
-        v = self.v_proj(x).view(shape).transpose(1, 2)
+        k = self.k_proj(x).view(shape).transpose(1, 2)  # (batch, n_heads, seq_len, head_dim)
+        v = self.v_proj(x).view(shape).transpose(1, 2)  # (batch, n_heads, seq_len, head_dim)
         positions = torch.arange(start_pos, start_pos + seq_len, device=x.device)
-        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_base)
+        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_base)  # (seq_len, head_dim)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, start_pos)
@@ -686,6 +707,7 @@ def median_time_s(fn, min_run_time: float = 0.2) -> float:
 
 
 def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute elementwise difference between a and b (computed in float64)."""
     return (a.double() - b.double()).abs().max().item()
 
 
@@ -1073,7 +1095,7 @@ def benchmark_decode(config: MLAConfig, contexts: list[int], device, min_run_tim
 # =============================================================================
 
 
-def plot_data_flow(config: MLAConfig) -> plt.Figure:
+def plot_mla_data_flow(config: MLAConfig) -> plt.Figure:
     """A drawn diagram of MLA's data flow with DeepSeek-V2's shapes."""
     c = config
     fig, ax = plt.subplots(figsize=(11, 6.4), layout="constrained")
@@ -1231,7 +1253,7 @@ def plot_cache_vs_context(table: dict, n_layers: int) -> plt.Figure:
     return fig
 
 
-def plot_real_models(real: dict) -> plt.Figure:
+def plot_real_model_cache(real: dict) -> plt.Figure:
     """Bars: bytes per token, and GiB at 128K tokens, for the published models."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
     models = real["models"].values()
@@ -1280,7 +1302,7 @@ def plot_decode_lines(bench: dict, values: dict, ylabel: str, title: str) -> plt
     ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlabel("cached context (tokens)")
+    ax.set_xlabel("cached context length (tokens)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
@@ -1294,7 +1316,7 @@ def plot_decode_time(bench: dict) -> plt.Figure:
     return plot_decode_lines(
         bench,
         bench["time_ms"],
-        "time per decode step, batch 1 (ms)",
+        "time per decode step (ms, log scale)",
         "Naive MLA re-expands the whole cache at every step: at "
         f"{longest:,} tokens\nits step takes {bench['speedup_absorbed_vs_naive'][-1]:.1f}x "
         "the time of absorbed MLA's",
@@ -1308,7 +1330,7 @@ def plot_decode_flops(bench: dict) -> plt.Figure:
     return plot_decode_lines(
         bench,
         mflops,
-        "matmul FLOPs per decode step (MFLOP)",
+        "matmul FLOPs per decode step (MFLOP, log scale)",
         f"Rebuilding every key and value costs naive MLA\n"
         f"{bench['flop_ratio_naive_vs_absorbed'][-1]:.0f}x the FLOPs of absorbed MLA at "
         f"{longest:,} tokens",
@@ -1452,12 +1474,12 @@ def main(argv: list[str] | None = None) -> dict:
     real = results["real_models"] = real_model_cache()
     print(
         f"  {'model':<22} {'layers':>6} {'bytes/token':>12} "
-        + " ".join(f"{'GiB@' + n.upper():>10}" for n in real["contexts"])
+        + " ".join(f"{'GiB at ' + n.upper():>11}" for n in real["contexts"])
     )
     for m in real["models"].values():
         print(
             f"  {m['label']:<22} {m['n_layers']:>6} {m['bytes_per_token']:>12,} "
-            + " ".join(f"{m['gib_at_context'][n]:>10.2f}" for n in real["contexts"])
+            + " ".join(f"{m['gib_at_context'][n]:>11.2f}" for n in real["contexts"])
         )
     print(
         f"  MHA / MLA at the same model: {real['mha_to_mla_ratio_deepseek_v2']:.1f}x (V2), "
@@ -1538,9 +1560,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(f"[5/{n_stages}] drawing figures ...")
     figures = {
-        "mla_data_flow": plot_data_flow(v2),
+        "mla_data_flow": plot_mla_data_flow(v2),
         "cache_vs_context": plot_cache_vs_context(table, DEEPSEEK_LAYERS["deepseek_v2"]),
-        "real_model_cache": plot_real_models(real),
+        "real_model_cache": plot_real_model_cache(real),
         "decode_time": plot_decode_time(bench),
         "decode_flops": plot_decode_flops(bench),
     }

@@ -196,6 +196,49 @@ def test_cache_update_writes_in_place_returns_views_and_can_rewind():
     assert cache.length == 3 and k_all.shape[2] == 3
     cache.reset()
     assert cache.length == 0
+    assert not cache.k_cache.any() and not cache.v_cache.any()  # zeroed, not just forgotten
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((-1, 1, 0, 8), r"start_pos \(-1\) must be >= 0"),
+        ((3, 1, 2, 8), r"start_pos \(3\) would leave a gap: the cache holds 2 tokens, so "),
+        ((6, 3, 6, 8), r"cache overflow: writing 3 tokens at start_pos 6 needs 9 positions, but "),
+    ],
+)
+def test_check_cache_write_rules(args, match):
+    with pytest.raises(ValueError, match=match):
+        gqa._check_cache_write(*args)
+    gqa._check_cache_write(2, 6, 2, 8)  # appending right at the end, filling it exactly: fine
+
+
+def test_check_cache_write_is_the_same_rule_as_the_mla_script():
+    import multihead_latent_attention as mla
+
+    assert gqa._check_cache_write.__code__.co_code == mla._check_cache_write.__code__.co_code
+    assert gqa._check_cache_write.__code__.co_consts == mla._check_cache_write.__code__.co_consts
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((0, 2, 8, 4), r"batch_size \(0\) must be >= 1"),
+        ((1, 0, 8, 4), r"n_kv_heads \(0\) must be >= 1"),
+        ((1, 2, 0, 4), r"max_seq_len \(0\) must be >= 1"),
+        ((1, 2, 8, 0), r"head_dim \(0\) must be >= 1"),
+    ],
+)
+def test_cache_sizes_must_be_positive(args, match):
+    with pytest.raises(ValueError, match=match):
+        KVCache(*args)
+
+
+@pytest.mark.parametrize(
+    ("n_tokens", "expected"), [(512, "512"), (1024, "1K"), (4096, "4K"), (1536, "1,536")]
+)
+def test_tokens_label_is_right_at_every_size(n_tokens, expected):
+    assert gqa.tokens_label(n_tokens) == expected
 
 
 # ----------------------------------------------------------------------------- conversion

@@ -183,6 +183,18 @@ def test_mha_baseline_cached_equals_uncached():
         torch.testing.assert_close(chunked, mha(x), atol=TOL, rtol=0)
 
 
+def test_mha_baseline_runs_in_bf16_close_to_fp32():
+    mha = randomise(MultiHeadAttention(d_model=32, n_heads=4, head_dim=8))
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        ref = mha(x)
+        out = mha.to(torch.bfloat16)(x.to(torch.bfloat16))  # raised a dtype error before the fix
+    assert out.dtype == torch.bfloat16
+    # bf16 keeps 8 significant bits (eps 2^-7 = 0.0078); a few roundings through 4 matmuls and
+    # a softmax stay within a few percent of the output scale.
+    torch.testing.assert_close(out.float(), ref, atol=0.05 * ref.abs().max().item(), rtol=0.05)
+
+
 # --- the cache -----------------------------------------------------------------------------------
 
 
@@ -208,6 +220,58 @@ def test_cache_stores_only_normalised_latent_and_rotated_rope_key():
     assert cache.nbytes == 2 * 10 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
     cache.reset()
     assert cache.length == 0 and not cache.kv_cache.any()
+
+
+def test_kv_cache_reset_zeroes_the_buffers():
+    cache = KVCache(1, 2, 8, 4)
+    cache.update(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), 0)
+    cache.reset()
+    assert cache.length == 0 and not cache.k_cache.any() and not cache.v_cache.any()
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((0, 2, 8, 4), r"batch_size \(0\) must be >= 1"),
+        ((1, 0, 8, 4), r"n_kv_heads \(0\) must be >= 1"),
+        ((1, 2, 0, 4), r"max_seq_len \(0\) must be >= 1"),
+        ((1, 2, 8, 0), r"head_dim \(0\) must be >= 1"),
+    ],
+)
+def test_kv_cache_sizes_must_be_positive(args, match):
+    with pytest.raises(ValueError, match=match):
+        KVCache(*args)
+
+
+@pytest.mark.parametrize(
+    ("k_shape", "v_shape"),
+    [
+        ((1, 4, 1, 4), (1, 4, 1, 4)),  # wrong number of heads
+        ((2, 2, 1, 4), (2, 2, 1, 4)),  # wrong batch
+        ((1, 2, 1, 8), (1, 2, 1, 8)),  # wrong head_dim
+        ((1, 2, 1, 4), (1, 2, 2, 4)),  # k and v disagree
+        ((2, 1, 4), (2, 1, 4)),  # not 4-D
+    ],
+)
+def test_kv_cache_update_checks_shapes(k_shape, v_shape):
+    cache = KVCache(1, 2, 8, 4)
+    with pytest.raises(ValueError, match=r"must both have shape \(batch_size, n_kv_heads, n, "):
+        cache.update(torch.randn(k_shape), torch.randn(v_shape), 0)
+    assert cache.length == 0 and not cache.k_cache.any()  # nothing was written
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((-1, 1, 0, 8), r"start_pos \(-1\) must be >= 0"),
+        ((3, 1, 2, 8), r"start_pos \(3\) would leave a gap: the cache holds 2 tokens, so "),
+        ((6, 3, 6, 8), r"cache overflow: writing 3 tokens at start_pos 6 needs 9 positions, but "),
+    ],
+)
+def test_check_cache_write_rules(args, match):
+    with pytest.raises(ValueError, match=match):
+        mla._check_cache_write(*args)
+    mla._check_cache_write(2, 6, 2, 8)  # appending right at the end, filling it exactly: fine
 
 
 def test_cache_bytes_equal_formula_in_bf16():
@@ -408,7 +472,7 @@ def test_other_bad_input_raises():
     attn = MultiHeadLatentAttention(small_config())
     with pytest.raises(ValueError, match=r"start_pos \(-1\) must be >= 0"):
         attn(torch.randn(1, 1, 64), -1)
-    with pytest.raises(ValueError, match=r"batch_size \(0\) must be a positive integer"):
+    with pytest.raises(ValueError, match=r"batch_size \(0\) must be >= 1"):
         LatentKVCache(0, 8, 32, 8)
     cache = LatentKVCache(2, 8, 32, 8)
     with pytest.raises(ValueError, match=r"c_kv shape \(\(1, 3, 32\)\) must be \(batch_size=2"):
