@@ -216,7 +216,7 @@ class SinusoidalPositionalEncoding(nn.Module):
         _check_even("d_model", d_model)
         _check_base("base", base)
         if max_seq_len <= 0:
-            raise ValueError(f"max_seq_len ({max_seq_len}) must be > 0")
+            raise ValueError(f"max_seq_len ({max_seq_len}) must be >= 1")
         self.d_model, self.max_seq_len = d_model, max_seq_len
         self.register_buffer(
             "pe", sinusoidal_encoding(max_seq_len, d_model, base), persistent=False
@@ -379,7 +379,8 @@ def permute_for_interleaved(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 # Each function takes the keys of transformers' ``config.rope_parameters`` (rope_theta, factor,
 # original_max_position_embeddings, ...) and returns (inv_freq (head_dim/2,), attention_scaling),
 # like transformers' ROPE_INIT_FUNCTIONS. attention_scaling multiplies cos and sin, so q and k
-# are each scaled by it and the logits by its square.
+# are each scaled by it and the logits by its square. Their ``rope_theta`` (transformers' name)
+# is the ``rope_base`` of RotaryEmbedding and the RoPE helpers above.
 
 
 def default_inv_freq(head_dim: int, rope_theta: float = 10000.0) -> tuple[torch.Tensor, float]:
@@ -441,7 +442,7 @@ def dynamic_ntk_inv_freq(
     _check_base("rope_theta", rope_theta)
     _check_factor(factor)
     if max_position_embeddings <= 0:
-        raise ValueError(f"max_position_embeddings ({max_position_embeddings}) must be > 0")
+        raise ValueError(f"max_position_embeddings ({max_position_embeddings}) must be >= 1")
     seq_len = max(seq_len or max_position_embeddings, max_position_embeddings)
     stretch = factor * seq_len / max_position_embeddings - (factor - 1)  # 1 at the trained length
     new_base = rope_theta * stretch ** (head_dim / (head_dim - 2))
@@ -482,7 +483,7 @@ def yarn_inv_freq(
     _check_factor(factor)
     if original_max_position_embeddings <= 0:
         raise ValueError(
-            f"original_max_position_embeddings ({original_max_position_embeddings}) must be > 0"
+            f"original_max_position_embeddings ({original_max_position_embeddings}) must be >= 1"
         )
     if not beta_fast > beta_slow:
         raise ValueError(f"beta_fast ({beta_fast}) must be > beta_slow ({beta_slow})")
@@ -529,7 +530,7 @@ def llama3_inv_freq(
     _check_factor(factor)
     if original_max_position_embeddings <= 0:
         raise ValueError(
-            f"original_max_position_embeddings ({original_max_position_embeddings}) must be > 0"
+            f"original_max_position_embeddings ({original_max_position_embeddings}) must be >= 1"
         )
     if not high_freq_factor > low_freq_factor:
         raise ValueError(
@@ -584,6 +585,8 @@ class RotaryEmbedding(nn.Module):
 
     ``rope_scaling`` mirrors transformers' ``rope_parameters`` without rope_theta, e.g.
     ``{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}``.
+    transformers' ``rope_theta`` is this module's ``rope_base`` (the scaling functions below keep
+    transformers' name ``rope_theta`` so their arguments match ``rope_parameters`` key for key).
     "dynamic" also needs ``max_position_embeddings`` (the trained length), which transformers
     reads from the model config rather than from ``rope_parameters``.
     """
@@ -600,7 +603,7 @@ class RotaryEmbedding(nn.Module):
         _check_even("head_dim", head_dim)
         _check_base("rope_base", rope_base)
         if max_seq_len <= 0:
-            raise ValueError(f"max_seq_len ({max_seq_len}) must be > 0")
+            raise ValueError(f"max_seq_len ({max_seq_len}) must be >= 1")
         self.head_dim, self.max_seq_len = head_dim, max_seq_len
         positions = torch.arange(max_seq_len, device=device)
         if rope_scaling is None:
@@ -700,8 +703,10 @@ def median_time_s(fn, min_run_time: float = 0.2) -> float:
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
-def _max(t: torch.Tensor) -> float:
-    return float(t.abs().max()) if t.numel() else 0.0
+def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| (broadcast) as a Python float; 0.0 when there is nothing to compare."""
+    diff = a - b
+    return float(diff.abs().max()) if diff.numel() else 0.0
 
 
 def check_sinusoidal(
@@ -724,10 +729,10 @@ def check_sinusoidal(
         rows.append(
             {
                 "k": k,
-                "max_abs_err_shift_float64": _max(pe64[k:] - pe64[first] @ M.T),
-                "max_abs_err_shift_float32": _max(pe32[k:] - pe32[first] @ M.T.float()),
-                "max_abs_err_orthogonal": _max(M.T @ M - eye),
-                "max_abs_err_dot_vs_formula": _max(dots - torch.cos(k * inv_freq).sum()),
+                "max_abs_err_shift_float64": max_abs_err(pe64[k:], pe64[first] @ M.T),
+                "max_abs_err_shift_float32": max_abs_err(pe32[k:], pe32[first] @ M.T.float()),
+                "max_abs_err_orthogonal": max_abs_err(M.T @ M, eye),
+                "max_abs_err_dot_vs_formula": max_abs_err(dots, torch.cos(k * inv_freq).sum()),
             }
         )
     worst = {key: max(r[key] for r in rows) for key in rows[0] if key != "k"}
@@ -766,8 +771,8 @@ def check_rope(
     cos_d, sin_d = rope_cos_sin(n - m, head_dim, base)  # the offset may be negative: R_-k = R_k^T
     q_m, k_n = apply_rope(q, cos_m, sin_m), apply_rope(k, cos_n, sin_n)
 
-    norm_err = _max(q_m.norm(dim=-1) - q.norm(dim=-1))
-    offset_err = _max((q_m * k_n).sum(-1) - (q * apply_rope(k, cos_d, sin_d)).sum(-1))
+    norm_err = max_abs_err(q_m.norm(dim=-1), q.norm(dim=-1))
+    offset_err = max_abs_err((q_m * k_n).sum(-1), (q * apply_rope(k, cos_d, sin_d)).sum(-1))
 
     # Matrix form (RoFormer eq. 15), float64: R_m^T R_n = R_(n-m), and apply_rope = x @ R_m^T.
     matrix_err, compose_err = 0.0, 0.0
@@ -775,18 +780,20 @@ def check_rope(
         R_m = rope_rotation_matrix(mi, head_dim, base)
         R_n = rope_rotation_matrix(ni, head_dim, base)
         compose_err = max(
-            compose_err, _max(R_m.T @ R_n - rope_rotation_matrix(ni - mi, head_dim, base))
+            compose_err, max_abs_err(R_m.T @ R_n, rope_rotation_matrix(ni - mi, head_dim, base))
         )
         x = q[:1]
         c, s = rope_cos_sin(torch.tensor([mi]), head_dim, base)
-        matrix_err = max(matrix_err, _max(apply_rope(x, c, s).double() - x.double() @ R_m.T))
+        matrix_err = max(matrix_err, max_abs_err(apply_rope(x, c, s).double(), x.double() @ R_m.T))
 
     # Interleaved: the complex form (Meta) equals the real form (GPT-J rotate_every_two).
     positions = torch.arange(seq_len)
     x = torch.randn(2, n_heads, seq_len, head_dim)  # (batch, n_heads, seq_len, head_dim)
     freqs_cis = rope_freqs_cis(positions, head_dim, base)
     cos_i, sin_i = rope_cos_sin_interleaved(positions, head_dim, base)
-    complex_err = _max(apply_rope_complex(x, freqs_cis) - apply_rope_interleaved(x, cos_i, sin_i))
+    complex_err = max_abs_err(
+        apply_rope_complex(x, freqs_cis), apply_rope_interleaved(x, cos_i, sin_i)
+    )
 
     # Layouts: an interleaved model, and the same model converted to half-split by permuting rows.
     h = torch.randn(seq_len, d_model)  # hidden states of one sequence
@@ -816,7 +823,9 @@ def check_rope(
     start = seq_len // 3
     part_q, part_k = rope(qq[:, :, start:], kk[:, :, start:], start_pos=start)
     pos_q, _ = rope(qq[:, :, start:], kk[:, :, start:], positions=torch.arange(start, seq_len))
-    start_pos_err = max(_max(full_q[:, :, start:] - part_q), _max(full_k[:, :, start:] - part_k))
+    start_pos_err = max(
+        max_abs_err(full_q[:, :, start:], part_q), max_abs_err(full_k[:, :, start:], part_k)
+    )
 
     return {
         "head_dim": head_dim,
@@ -827,11 +836,11 @@ def check_rope(
         "max_abs_err_matrix_compose_float64": compose_err,
         "max_abs_err_apply_rope_vs_matrix": matrix_err,
         "max_abs_err_complex_vs_interleaved": complex_err,
-        "max_abs_err_half_split_vs_interleaved_q": _max(q_hs - q_il[..., perm]),
-        "max_abs_err_layout_scores": _max(scores_hs - scores_il),
-        "max_abs_err_layout_scores_unpermuted": _max(scores_wrong - scores_il),
+        "max_abs_err_half_split_vs_interleaved_q": max_abs_err(q_hs, q_il[..., perm]),
+        "max_abs_err_layout_scores": max_abs_err(scores_hs, scores_il),
+        "max_abs_err_layout_scores_unpermuted": max_abs_err(scores_wrong, scores_il),
         "max_abs_err_start_pos_vs_full": start_pos_err,
-        "max_abs_err_positions_vs_start_pos": _max(pos_q - part_q),
+        "max_abs_err_positions_vs_start_pos": max_abs_err(pos_q, part_q),
     }
 
 
@@ -932,7 +941,7 @@ def attention_score_matrices(
 def toeplitz_deviation(scores: torch.Tensor) -> float:
     """Largest spread along any diagonal: 0 exactly when scores depend only on n - m."""
     n = scores.shape[0]
-    return max(_max(d - d.mean()) for d in (scores.diagonal(o) for o in range(-n + 1, n)))
+    return max(max_abs_err(d, d.mean()) for d in (scores.diagonal(o) for o in range(-n + 1, n)))
 
 
 def check_attention_patterns(mats: dict[str, torch.Tensor]) -> dict:
@@ -1035,7 +1044,10 @@ def benchmark_rope(
 # =============================================================================
 
 
-def plot_sinusoidal(seq_len: int = 128, d_model: int = 128, base: float = 10000.0) -> plt.Figure:
+def plot_sinusoidal_encoding(
+    seq_len: int = 128, d_model: int = 128, base: float = 10000.0
+) -> plt.Figure:
+    """See fast clocks on the left dimensions, slow on the right; wavelengths grow geometrically."""
     pe = sinusoidal_encoding(seq_len, d_model, base)
     wavelength = 2 * math.pi / rope_inv_freq(d_model, base)
     fig, (ax0, ax1) = plt.subplots(
@@ -1056,7 +1068,7 @@ def plot_sinusoidal(seq_len: int = 128, d_model: int = 128, base: float = 10000.
 
 
 def plot_rope_rotation(head_dim: int = 64, base: float = 10000.0) -> plt.Figure:
-    """One pair of a query at positions 0..7, rotated by apply_rope itself."""
+    """See one pair of a query turn by m·θ_i at positions 0..7: fast pair vs slow pair."""
     positions = torch.arange(8)
     cos, sin = rope_cos_sin(positions, head_dim, base)
     half = head_dim // 2
@@ -1087,7 +1099,8 @@ def plot_rope_rotation(head_dim: int = 64, base: float = 10000.0) -> plt.Figure:
     return fig
 
 
-def plot_decay(decay: dict) -> plt.Figure:
+def plot_rope_decay(decay: dict) -> plt.Figure:
+    """See RoFormer's bound on |score| shrink with distance; the expected score decays if q = k."""
     d = np.array(decay["distances"])
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4.5), layout="constrained")
     ax0.plot(d, decay["relative_upper_bound"], color="C0")
@@ -1109,10 +1122,11 @@ def plot_decay(decay: dict) -> plt.Figure:
 
 
 def plot_attention_scores(mats: dict[str, torch.Tensor]) -> plt.Figure:
+    """See constant-content RoPE scores form stripes (n - m only); sinusoidal ones do not."""
     fig, axes = plt.subplots(2, 3, figsize=(12, 8), layout="constrained", sharex=True, sharey=True)
     titles = {"none": "no encoding", "sinusoidal": "sinusoidal added", "rope": "RoPE"}
     for row, content in enumerate(("random", "constant")):
-        vmax = max(_max(mats[f"{content}_{s}"]) for s in titles)
+        vmax = max(float(mats[f"{content}_{s}"].abs().max()) for s in titles)
         for col, (scheme, title) in enumerate(titles.items()):
             ax = axes[row, col]
             im = ax.imshow(
@@ -1131,6 +1145,7 @@ def plot_attention_scores(mats: dict[str, torch.Tensor]) -> plt.Figure:
 
 
 def plot_context_extension(ext: dict) -> plt.Figure:
+    """See which pairs each method stretches: PI slows all, NTK/YaRN/Llama 3.1 keep fast ones."""
     L, s = ext["original_max_position_embeddings"], ext["factor"]
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
     styles = ["-", "--", "-.", ":", "-", "--"]
@@ -1162,8 +1177,8 @@ def plot_context_extension(ext: dict) -> plt.Figure:
     return fig
 
 
-def plot_layouts(head_dim: int = 8) -> plt.Figure:
-    """Which dimensions pair up in each layout, and the permutation between them."""
+def plot_rope_layouts(head_dim: int = 8) -> plt.Figure:
+    """See the same pairs in both layouts, and the permutation from interleaved to half-split."""
     perm = interleaved_to_half_split_index(head_dim).tolist()
     half = head_dim // 2
     colors = plt.cm.tab10(np.arange(half))
@@ -1387,10 +1402,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(f"[7/{n_stages}] drawing figures ...")
     figures = {
-        "sinusoidal_encoding": plot_sinusoidal(),
+        "sinusoidal_encoding": plot_sinusoidal_encoding(),
         "rope_rotation": plot_rope_rotation(),
-        "rope_layouts": plot_layouts(),
-        "rope_decay": plot_decay(decay),
+        "rope_layouts": plot_rope_layouts(),
+        "rope_decay": plot_rope_decay(decay),
         "attention_scores": plot_attention_scores(mats),
         "context_extension": plot_context_extension(ext),
     }

@@ -49,13 +49,7 @@ FLOPs per token: 2 FLOPs per multiply-add, so 2 * (number of weights) for the ma
 4 d h ungated, 6 d h gated (equal at matched h), plus h for the gate product. The activation's own
 cost (1 op for ReLU, a dozen for GELU/SiLU) is not counted; the timings show it.
 
-Where it is used
-----------------
-SwiGLU: PaLM, LLaMA 1/2/3, Mistral/Mixtral, Qwen, DeepSeek-V2/V3 (expert and dense FFNs).
-GEGLU: T5 v1.1, Gemma. ReLU FFN: original Transformer, T5 v1.0. GELU FFN: BERT, GPT-2/3.
-
-The experiments
----------------
+The experiments (what the script measures, in order):
 1. Activations and their derivatives; the SwiGLU gate surface silu(a) * b next to relu(a) * b.
 2. Llama's rule against the published sizes 11008, 14336, 28672.
 3. One FFN layer of each kind at equal parameters: parameters and FLOPs (formula, checked
@@ -83,10 +77,15 @@ The experiments
    no nonlinearity in its gate) has a built-in advantage. Read the result as "what a gate buys
    on this task at this scale", with the seed spread as its error bar.
 
+Where it is used
+----------------
+SwiGLU: PaLM, LLaMA 1/2/3, Mistral/Mixtral, Qwen, DeepSeek-V2/V3 (expert and dense FFNs).
+GEGLU: T5 v1.1, Gemma. ReLU FFN: original Transformer, T5 v1.0. GELU FFN: BERT, GPT-2/3.
+
 Run it
 ------
     uv run python swiglu.py              # default sizes (about 70 s on a 2-core CPU)
-    uv run python swiglu.py --quick      # small sizes, a few seconds after the imports
+    uv run python swiglu.py --quick      # small sizes, a few seconds
     uv run python swiglu.py --out DIR --no-show --device cpu --seed 0 --seeds 5 --steps 1000
 
 It prints each check and measurement, saves every figure as PNG and every printed number in
@@ -94,16 +93,16 @@ It prints each check and measurement, saves every figure as PNG and every printe
 
 References
 ----------
-- N. Shazeer, "GLU Variants Improve Transformer", 2020, arXiv 2002.05202 (section 3, eqs. 4-6;
+- Shazeer, "GLU Variants Improve Transformer", 2020, arXiv 2002.05202 (section 3, eqs. 4-6;
   table 1: log-perplexity after 65k steps, T5-base).
-- A. Vaswani et al., "Attention Is All You Need", 2017, arXiv 1706.03762 (the ReLU FFN, 4 d).
-- M. Geva et al., "Transformer Feed-Forward Layers Are Key-Value Memories", 2021,
+- Vaswani et al., "Attention Is All You Need", 2017, arXiv 1706.03762 (the ReLU FFN, 4 d).
+- Geva et al., "Transformer Feed-Forward Layers Are Key-Value Memories", 2021,
   arXiv 2012.14913 (why the training task here is an associative memory).
-- Y. Dauphin et al., "Language Modeling with Gated Convolutional Networks", 2016, arXiv 1612.08083
+- Dauphin et al., "Language Modeling with Gated Convolutional Networks", 2016, arXiv 1612.08083
   (the GLU).
-- P. Ramachandran, B. Zoph, Q. Le, "Searching for Activation Functions", 2017, arXiv 1710.05941
-  (Swish); D. Hendrycks, K. Gimpel, "Gaussian Error Linear Units", 2016, arXiv 1606.08415.
-- H. Touvron et al., "LLaMA", 2023, arXiv 2302.13971; "Llama 2", 2023, arXiv 2307.09288;
+- Ramachandran et al., "Searching for Activation Functions", 2017, arXiv 1710.05941
+  (Swish); Hendrycks and Gimpel, "Gaussian Error Linear Units", 2016, arXiv 1606.08415.
+- Touvron et al., "LLaMA", 2023, arXiv 2302.13971; "Llama 2", 2023, arXiv 2307.09288;
   Llama Team, "The Llama 3 Herd of Models", 2024, arXiv 2407.21783.
 - Reference code: huggingface/transformers ``src/transformers/models/llama/modeling_llama.py``
   (``LlamaMLP``, tested equal here); meta-llama/llama ``llama/model.py`` (``FeedForward``, the
@@ -133,9 +132,11 @@ import torch.nn.functional as F
 
 
 def _check_positive_int(name: str, value) -> None:
-    """The one boundary check for sizes: ``d_model (0) must be a positive integer``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} ({value!r}) must be a positive integer")
+    """The one boundary check for sizes: ``d_model (0) must be >= 1``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} ({value!r}) must be an integer >= 1")
+    if value < 1:
+        raise ValueError(f"{name} ({value}) must be >= 1")
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -452,7 +453,8 @@ def median_time_s(fn, min_run_time: float = 0.2) -> float:
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
-def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| as a Python float."""
     return float((a - b).abs().max())
 
 
@@ -486,16 +488,16 @@ def check_activations(n_points: int = 10001) -> dict:
     s = sigmoid(x)
     x_star, silu_min = swish_minimum()
     return {
-        "swish_beta1_vs_silu_max_abs_err": _max_err(swish(x, 1.0), F.silu(x)),
-        "swish_beta0_vs_half_x_max_abs_err": _max_err(swish(x, 0.0), x / 2),
-        "swish_beta20_vs_relu_max_abs_err": _max_err(swish(x, 20.0), F.relu(x)),
-        "relu_vs_torch_max_abs_err": _max_err(relu(x), F.relu(x)),
-        "gelu_vs_torch_max_abs_err": _max_err(gelu(x), F.gelu(x)),
-        "sigmoid_vs_torch_max_abs_err": _max_err(s, torch.sigmoid(x)),
-        "silu_derivative_vs_closed_form_max_abs_err": _max_err(
+        "swish_beta1_vs_silu_max_abs_err": max_abs_err(swish(x, 1.0), F.silu(x)),
+        "swish_beta0_vs_half_x_max_abs_err": max_abs_err(swish(x, 0.0), x / 2),
+        "swish_beta20_vs_relu_max_abs_err": max_abs_err(swish(x, 20.0), F.relu(x)),
+        "relu_vs_torch_max_abs_err": max_abs_err(relu(x), F.relu(x)),
+        "gelu_vs_torch_max_abs_err": max_abs_err(gelu(x), F.gelu(x)),
+        "sigmoid_vs_torch_max_abs_err": max_abs_err(s, torch.sigmoid(x)),
+        "silu_derivative_vs_closed_form_max_abs_err": max_abs_err(
             _autograd_derivative(F.silu, x), s * (1 + x * (1 - s))
         ),
-        "gelu_derivative_vs_closed_form_max_abs_err": _max_err(
+        "gelu_derivative_vs_closed_form_max_abs_err": max_abs_err(
             _autograd_derivative(F.gelu, x), 0.5 * (1 + torch.erf(x / math.sqrt(2))) + x * phi
         ),
         "silu_minimum_x": x_star,
@@ -526,12 +528,12 @@ def check_gated_variants(d_model: int = 16, hidden_dim: int = 24, n_tokens: int 
         ffn = GatedFeedForward(d_model, hidden_dim, variant).double()
         W, V, W2 = ffn.gate_proj.weight, ffn.up_proj.weight, ffn.down_proj.weight
         with torch.no_grad():
-            errs[variant] = _max_err(ffn(x), gated_formula(variant, x, W, V, W2))
+            errs[variant] = max_abs_err(ffn(x), gated_formula(variant, x, W, V, W2))
     swiglu = SwiGLUFeedForward(d_model, hidden_dim).double()
     family = GatedFeedForward(d_model, hidden_dim, "swiglu").double()
     family.load_state_dict(swiglu.state_dict(), strict=True)
     with torch.no_grad():
-        swiglu_err = _max_err(swiglu(x), family(x))
+        swiglu_err = max_abs_err(swiglu(x), family(x))
     return {
         "variant_vs_formula_max_abs_err": errs,
         "swiglu_ffn_vs_gated_family_max_abs_err": swiglu_err,
@@ -929,6 +931,7 @@ def _style(variant: str) -> dict:
 
 
 def plot_activations() -> plt.Figure:
+    """See ReLU's derivative vanish for all x < 0 while GELU/SiLU dip below 0 and stay smooth."""
     x = torch.linspace(-5, 5, 1001)
     curves = {
         "ReLU": relu,
@@ -967,6 +970,7 @@ def plot_activations() -> plt.Figure:
 
 
 def plot_gate_surface() -> plt.Figure:
+    """See SwiGLU's gate pass a little (sign flipped) for a < 0, where ReGLU's is shut."""
     a = torch.linspace(-4, 4, 201)
     A, B = torch.meshgrid(a, a, indexing="xy")  # A varies along columns (x axis), B along rows
     fig, axes = plt.subplots(1, 2, figsize=(12, 5), layout="constrained")
@@ -991,6 +995,7 @@ def plot_gate_surface() -> plt.Figure:
 
 
 def plot_ffn_speed(table: dict) -> plt.Figure:
+    """See equal parameters for every FFN and what the gate costs in forward/backward time."""
     rows = table["rows"]
     names = list(rows)
     x = np.arange(len(names))
@@ -1015,6 +1020,7 @@ def plot_ffn_speed(table: dict) -> plt.Figure:
 
 
 def plot_grad_norms(flow: dict) -> plt.Figure:
+    """See per-layer gradient norms agree across depth at init (nothing vanishes), then trained."""
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), layout="constrained", sharey=True)
     for ax, stage in zip(axes, ("init", "trained"), strict=True):
         for variant, res in flow["variants"].items():
@@ -1034,6 +1040,7 @@ def plot_grad_norms(flow: dict) -> plt.Figure:
 
 
 def plot_dead_units(flow: dict) -> plt.Figure:
+    """See ReLU units die during the Adam steps while every other FFN keeps (almost) all of its."""
     variants = list(flow["variants"])
     x = np.arange(len(variants))
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), layout="constrained")
@@ -1061,6 +1068,7 @@ def plot_dead_units(flow: dict) -> plt.Figure:
 
 
 def plot_training_curves(train: dict) -> plt.Figure:
+    """See each FFN's loss above the entropy floor fall, and which ends lowest across seeds."""
     fig, axes = plt.subplots(
         1, 2, figsize=(13, 4.8), layout="constrained", gridspec_kw={"width_ratios": [3, 2]}
     )
@@ -1232,6 +1240,7 @@ def _config(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    cfg = _config(args)  # validates --steps/--seeds before anything is written
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -1244,7 +1253,6 @@ def main(argv: list[str] | None = None) -> dict:
         }
     }
     n_stages = 6
-    cfg = _config(args)
     results["meta"]["config"] = cfg
 
     print(f"[1/{n_stages}] checking activations and the gated variants ...")

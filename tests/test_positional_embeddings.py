@@ -501,6 +501,24 @@ BAD_INPUT = {
         lambda: pe.RotaryEmbedding(8, 8, rope_scaling={"rope_type": "xpos", "factor": 2.0}),
         r"rope_type \('xpos'\) must be one of",
     ),
+    # integer sizes below 1
+    "max_seq_len sinusoidal": (
+        lambda: pe.SinusoidalPositionalEncoding(4, 0),
+        r"max_seq_len \(0\) must be >= 1",
+    ),
+    "max_seq_len rope": (lambda: pe.RotaryEmbedding(8, 0), r"max_seq_len \(0\) must be >= 1"),
+    "max_position_embeddings dynamic": (
+        lambda: pe.dynamic_ntk_inv_freq(8, 1e4, 2.0, 0),
+        r"max_position_embeddings \(0\) must be >= 1",
+    ),
+    "original_max_position_embeddings yarn": (
+        lambda: pe.yarn_inv_freq(8, 1e4, 2.0, 0),
+        r"original_max_position_embeddings \(0\) must be >= 1",
+    ),
+    "original_max_position_embeddings llama3": (
+        lambda: pe.llama3_inv_freq(8, 1e4, 2.0, 0),
+        r"original_max_position_embeddings \(0\) must be >= 1",
+    ),
     # other rules
     "unknown layout": (
         lambda: pe.rope_rotation_matrix(0, 8, layout="neox"),

@@ -402,7 +402,7 @@ def test_unknown_gated_variant_lists_the_valid_ones():
     ],
 )
 def test_zero_d_model(build):
-    with pytest.raises(ValueError, match=r"d_model \(0\) must be a positive integer"):
+    with pytest.raises(ValueError, match=r"d_model \(0\) must be >= 1"):
         build(0)
 
 
@@ -415,24 +415,24 @@ def test_zero_d_model(build):
     ],
 )
 def test_zero_hidden_dim(build):
-    with pytest.raises(ValueError, match=r"hidden_dim \(0\) must be a positive integer"):
+    with pytest.raises(ValueError, match=r"hidden_dim \(0\) must be >= 1"):
         build(0)
 
 
 def test_negative_sizes():
-    with pytest.raises(ValueError, match=r"d_model \(-4\) must be a positive integer"):
+    with pytest.raises(ValueError, match=r"d_model \(-4\) must be >= 1"):
         GatedFeedForward(-4, 32)
-    with pytest.raises(ValueError, match=r"hidden_dim \(-1\) must be a positive integer"):
+    with pytest.raises(ValueError, match=r"hidden_dim \(-1\) must be >= 1"):
         FeedForward(8, -1)
-    with pytest.raises(ValueError, match=r"d_model \(8.0\) must be a positive integer"):
+    with pytest.raises(ValueError, match=r"d_model \(8.0\) must be an integer >= 1"):
         FeedForward(8.0, 32)  # a float size is refused too, not silently truncated
 
 
 @pytest.mark.parametrize("bad", [0, -256])
 def test_non_positive_multiple_of(bad):
-    with pytest.raises(ValueError, match=rf"multiple_of \({bad}\) must be a positive integer"):
+    with pytest.raises(ValueError, match=rf"multiple_of \({bad}\) must be >= 1"):
         llama_hidden_dim(4096, bad)
-    with pytest.raises(ValueError, match=rf"multiple_of \({bad}\) must be a positive integer"):
+    with pytest.raises(ValueError, match=rf"multiple_of \({bad}\) must be >= 1"):
         SwiGLUFeedForward(64, multiple_of=bad)
 
 
@@ -444,9 +444,13 @@ def test_non_positive_ffn_dim_multiplier(bad):
         SwiGLUFeedForward(64, ffn_dim_multiplier=bad)
 
 
-def test_non_positive_steps_flag():
-    with pytest.raises(ValueError, match=r"--steps \(0\) must be a positive integer"):
-        swiglu.main(["--quick", "--no-show", "--steps", "0"])
+@pytest.mark.parametrize("flag", ["--steps", "--seeds"])
+def test_non_positive_flag_raises_before_writing(flag, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=rf"{flag} \(0\) must be >= 1"):
+        swiglu.main(["--quick", "--no-show", "--out", str(out), flag, "0"])
+    assert list(tmp_path.iterdir()) == []  # neither --out nor the default figures/ was created
 
 
 # --- smoke test ------------------------------------------------------------------------------
