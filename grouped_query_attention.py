@@ -174,7 +174,7 @@ def kv_cache_bytes(
 
 
 def _check_cache_write(start_pos: int, n: int, length: int, max_seq_len: int) -> None:
-    """The shared cache rules: no gap before ``start_pos``, no write past ``max_seq_len``."""
+    """The rules every cache enforces: start_pos >= 0, no gap before it, no write past the end."""
     if start_pos < 0:
         raise ValueError(f"start_pos ({start_pos}) must be >= 0")
     if start_pos > length:

@@ -413,7 +413,7 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def make_cache(
+    def new_cache(
         self, batch_size: int, kind: str = "static", max_seq_len: int | None = None
     ) -> list[KVCache] | list[ConcatKVCache]:
         """One cache per layer, on the model's device and dtype. ``kind``: 'static' or 'concat'."""
@@ -457,7 +457,7 @@ class GPT(nn.Module):
 
         - no cache: ``start_pos`` must be 0, the whole sequence is processed (training, or
           generation without a cache);
-        - with a cache (one per layer, from ``make_cache``): prefill (start_pos 0, many tokens),
+        - with a cache (one per layer, from ``new_cache``): prefill (start_pos 0, many tokens),
           one decode token, or a chunk appended to what the cache holds.
         ``last_only`` computes the LM head for the last position only (all generation needs).
         Returns (batch, seq_len, vocab_size), or (batch, 1, vocab_size) with ``last_only``.
@@ -525,7 +525,7 @@ class GPT(nn.Module):
             )
         cache = None
         if use_cache:  # sized for this generation only, not for max_seq_len
-            cache = self.make_cache(idx.shape[0], cache_kind, prompt_len + max_new_tokens)
+            cache = self.new_cache(idx.shape[0], cache_kind, prompt_len + max_new_tokens)
             logits = self(idx, cache, start_pos=0, last_only=True)  # prefill
         else:
             logits = self(idx, last_only=True)
@@ -707,7 +707,7 @@ def check_correctness(
         out[f"max_abs_err_logits_{kind}_vs_no_cache"] = float((logits - logits_ref).abs().max())
         out[f"ids_identical_{kind}_vs_no_cache"] = bool(torch.equal(ids, ids_ref))
     full = model(ids_ref)  # (1, seq_len, vocab): one pass over the whole sequence
-    cache = model.make_cache(1, "static")
+    cache = model.new_cache(1, "static")
     chunks = [
         model(ids_ref[:, s : s + chunk], cache, start_pos=s)
         for s in range(0, ids_ref.shape[1], chunk)
@@ -754,7 +754,7 @@ def benchmark_decode(
         )
         steps = {}
         for kind in ("concat", "static"):
-            cache = model.make_cache(1, kind, total_len)
+            cache = model.new_cache(1, kind, total_len)
             model(ids[:, :p], cache, start_pos=0)  # prefill p tokens
 
             def step(p=p, cache=cache):
@@ -1003,7 +1003,7 @@ def concat_cost_analysis(model: GPT, bench: dict, min_run_time: float) -> dict:
     prefix = torch.randn(1, c.n_heads, p, c.head_dim, dtype=weight.dtype, device=weight.device)
     update_s = {}
     for kind in ("concat", "static"):
-        caches = model.make_cache(1, kind, p + 1)
+        caches = model.new_cache(1, kind, p + 1)
         for layer in caches:
             layer.update(prefix, prefix, 0)
 
@@ -1128,7 +1128,7 @@ def bandwidth_analysis(
     def step_time_s(model: GPT) -> float:
         ids = torch.randint(model.config.vocab_size, (1, context_len + 1), generator=gen)
         ids = ids.to(device)
-        cache = model.make_cache(1, "static", context_len + 1)
+        cache = model.new_cache(1, "static", context_len + 1)
         model(ids[:, :context_len], cache, start_pos=0)
         return median_time_s(
             lambda: model(ids[:, -1:], cache, start_pos=context_len, last_only=True),

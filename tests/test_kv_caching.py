@@ -83,7 +83,7 @@ def test_chunked_prefill_equals_one_forward(model, chunk, kind):
     ids = prompt_ids(length=23)
     with torch.no_grad():
         full = model(ids)
-        cache = model.make_cache(1, kind)
+        cache = model.new_cache(1, kind)
         parts = [model(ids[:, s : s + chunk], cache, start_pos=s) for s in range(0, 23, chunk)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=ATOL, rtol=0)
     assert cache[0].length == 23
@@ -190,7 +190,7 @@ def test_memory_table_matches_formula_for_the_model_cache(model):
     result = kv.measure_memory(CFG, [4, 16])
     assert result["measured_equals_formula"]
     assert len(result["rows"]) == 4  # 2 dtypes x 2 lengths
-    caches = model.make_cache(2, "static", max_seq_len=16)
+    caches = model.new_cache(2, "static", max_seq_len=16)
     assert (
         sum(c.nbytes for c in caches) == 2 * CFG.n_layers * 2 * CFG.n_heads * 16 * CFG.head_dim * 4
     )
@@ -213,7 +213,7 @@ def test_real_model_table_uses_the_published_configs():
 def test_reset_really_resets(model):
     prompt = prompt_ids()
     for kind in ("static", "concat"):
-        cache = model.make_cache(1, kind)
+        cache = model.new_cache(1, kind)
         with torch.no_grad():
             first = model(prompt, cache)
             for layer in cache:
@@ -240,7 +240,7 @@ def test_concat_cost_counts_the_bytes_a_concat_step_copies(model):
     bench = {"positions": positions, "step_ms": {"static": [1.0] * 3, "concat": [1.0, 1.0, 1.5]}}
     cc = kv.concat_cost_analysis(model, bench, min_run_time=0.01)
     # The old prefix a concat step re-copies is exactly what a concat cache holding 20 tokens holds.
-    caches = model.make_cache(1, "concat")
+    caches = model.new_cache(1, "concat")
     with torch.no_grad():
         model(prompt_ids(length=20), caches)
     assert cc["bytes_copied_per_step"] == sum(c.nbytes for c in caches)
@@ -301,7 +301,7 @@ def test_analytic_flops_match_the_flop_counter(kv_len, use_cache):
     ids = prompt_ids(length=kv_len)
     with torch.no_grad():
         if use_cache:
-            cache = model.make_cache(1)
+            cache = model.new_cache(1)
             if kv_len > 1:
                 model(ids[:, :-1], cache)
             counter = FlopCounterMode(display=False)
@@ -414,13 +414,13 @@ def test_writing_past_the_cache_end(model):
         ValueError, match=r"cache overflow: writing 3 tokens at start_pos 2 needs 5"
     ):
         cache.update(torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8), 2)
-    caches = model.make_cache(1, "concat", max_seq_len=4)
+    caches = model.new_cache(1, "concat", max_seq_len=4)
     with pytest.raises(ValueError, match=r"max_seq_len is 4 \(room for 4 more\)"):
         model(prompt_ids(length=5), caches)
 
 
 def test_start_pos_must_not_leave_a_gap(model):
-    caches = model.make_cache(1)
+    caches = model.new_cache(1)
     with torch.no_grad():
         model(prompt_ids(length=3), caches)
     with pytest.raises(ValueError, match=r"start_pos \(4\) would leave a gap: the cache holds 3"):
@@ -436,7 +436,7 @@ def test_negative_start_pos(model, kind):
     with pytest.raises(ValueError, match=r"^start_pos \(-1\) must be >= 0$"):
         cache.update(k, k, -1)
     assert cache.length == 0  # nothing was written
-    caches = model.make_cache(1, kind)
+    caches = model.new_cache(1, kind)
     with pytest.raises(ValueError, match=r"^start_pos \(-1\) must be >= 0$"):
         model(prompt_ids(length=1), caches, start_pos=-1)
 
@@ -503,7 +503,7 @@ def test_token_ids_outside_the_vocabulary(model, bad):
 
 def test_unknown_choices_list_the_valid_ones(model):
     with pytest.raises(ValueError, match=r"kind \('paged'\) must be one of 'static', 'concat'"):
-        model.make_cache(1, "paged")
+        model.new_cache(1, "paged")
     with pytest.raises(ValueError, match=r"attn_impl \('flash'\) must be one of"):
         GPTConfig(attn_impl="flash")
 
