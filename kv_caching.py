@@ -99,6 +99,13 @@ import torch.nn.functional as F
 # =============================================================================
 
 
+def _check_sizes(**sizes: int) -> None:
+    """Every size (a dimension, a count) must be at least 1; the error names the argument."""
+    for name, value in sizes.items():
+        if value < 1:
+            raise ValueError(f"{name} ({value}) must be >= 1")
+
+
 @dataclass(frozen=True)
 class GPTConfig:
     """Shape of a GPT-2-style model. The defaults are the demo size used by the benchmark."""
@@ -113,10 +120,13 @@ class GPTConfig:
     attn_impl: str = "sdpa"  # "sdpa" (fused kernel) or "explicit" (the formula, line by line)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads"):
-            value = getattr(self, name)
-            if value < 1:
-                raise ValueError(f"{name} ({value}) must be >= 1")
+        _check_sizes(
+            vocab_size=self.vocab_size,
+            max_seq_len=self.max_seq_len,
+            d_model=self.d_model,
+            n_layers=self.n_layers,
+            n_heads=self.n_heads,
+        )
         if self.d_model % self.n_heads != 0:
             raise ValueError(
                 f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
@@ -137,18 +147,6 @@ def gpt2() -> GPTConfig:
 def causal_mask(q_len: int, kv_len: int, device=None) -> torch.Tensor:
     """(q_len, kv_len) bool: True where query i (at position kv_len - q_len + i) sees key j."""
     return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
-
-
-def _check_cache_sizes(batch_size: int, n_heads: int, max_seq_len: int, head_dim: int) -> None:
-    """Both caches: every buffer dimension is a positive integer."""
-    for name, value in [
-        ("batch_size", batch_size),
-        ("n_heads", n_heads),
-        ("max_seq_len", max_seq_len),
-        ("head_dim", head_dim),
-    ]:
-        if value < 1:
-            raise ValueError(f"{name} ({value}) must be >= 1")
 
 
 def _check_cache_kv(
@@ -201,7 +199,9 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device=None,
     ) -> None:
-        _check_cache_sizes(batch_size, n_heads, max_seq_len, head_dim)
+        _check_sizes(
+            batch_size=batch_size, n_heads=n_heads, max_seq_len=max_seq_len, head_dim=head_dim
+        )
         self.batch_size, self.n_heads = batch_size, n_heads
         self.max_seq_len, self.head_dim = max_seq_len, head_dim
         shape = (batch_size, n_heads, max_seq_len, head_dim)
@@ -250,7 +250,9 @@ class ConcatKVCache:
         dtype: torch.dtype = torch.float32,
         device=None,
     ) -> None:
-        _check_cache_sizes(batch_size, n_heads, max_seq_len, head_dim)
+        _check_sizes(
+            batch_size=batch_size, n_heads=n_heads, max_seq_len=max_seq_len, head_dim=head_dim
+        )
         self.batch_size, self.n_heads = batch_size, n_heads
         self.max_seq_len, self.head_dim = max_seq_len, head_dim
         self.k_cache = torch.zeros(batch_size, n_heads, 0, head_dim, dtype=dtype, device=device)

@@ -274,6 +274,13 @@ def causal_mask(q_len: int, kv_len: int, device=None) -> torch.Tensor:
     return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
 
 
+def _check_sizes(**sizes: int) -> None:
+    """Every size (a dimension, a count) must be at least 1; the error names the argument."""
+    for name, value in sizes.items():
+        if value < 1:
+            raise ValueError(f"{name} ({value}) must be >= 1")
+
+
 def _check_cache_write(start_pos: int, n: int, length: int, max_seq_len: int) -> None:
     """The rules every cache enforces: start_pos >= 0, no gap before it, no write past the end."""
     if start_pos < 0:
@@ -309,14 +316,12 @@ class LatentKVCache:
         dtype: torch.dtype = torch.float32,
         device=None,
     ) -> None:
-        for name, value in (
-            ("batch_size", batch_size),
-            ("max_seq_len", max_seq_len),
-            ("kv_lora_rank", kv_lora_rank),
-            ("qk_rope_head_dim", qk_rope_head_dim),
-        ):
-            if value < 1:
-                raise ValueError(f"{name} ({value}) must be >= 1")
+        _check_sizes(
+            batch_size=batch_size,
+            max_seq_len=max_seq_len,
+            kv_lora_rank=kv_lora_rank,
+            qk_rope_head_dim=qk_rope_head_dim,
+        )
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
         self.kv_lora_rank, self.qk_rope_head_dim = kv_lora_rank, qk_rope_head_dim
         self.kv_cache = torch.zeros(
@@ -516,14 +521,9 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device=None,
     ) -> None:
-        for name, value in (
-            ("batch_size", batch_size),
-            ("n_kv_heads", n_kv_heads),
-            ("max_seq_len", max_seq_len),
-            ("head_dim", head_dim),
-        ):
-            if value < 1:
-                raise ValueError(f"{name} ({value}) must be >= 1")
+        _check_sizes(
+            batch_size=batch_size, n_kv_heads=n_kv_heads, max_seq_len=max_seq_len, head_dim=head_dim
+        )
         self.batch_size, self.n_kv_heads = batch_size, n_kv_heads
         self.max_seq_len, self.head_dim = max_seq_len, head_dim
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
@@ -626,13 +626,7 @@ class MLALanguageModel(nn.Module):
         self, config: MLAConfig, vocab_size: int, n_layers: int, ffn_hidden_dim: int
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("vocab_size", vocab_size),
-            ("n_layers", n_layers),
-            ("ffn_hidden_dim", ffn_hidden_dim),
-        ):
-            if value <= 0:
-                raise ValueError(f"{name} ({value}) must be a positive integer")
+        _check_sizes(vocab_size=vocab_size, n_layers=n_layers, ffn_hidden_dim=ffn_hidden_dim)
         self.config = config
         self.embed_tokens = nn.Embedding(vocab_size, config.d_model)
         self.layers = nn.ModuleList(MLABlock(config, ffn_hidden_dim) for _ in range(n_layers))

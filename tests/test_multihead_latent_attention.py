@@ -477,7 +477,7 @@ def test_other_bad_input_raises():
     cache = LatentKVCache(2, 8, 32, 8)
     with pytest.raises(ValueError, match=r"c_kv shape \(\(1, 3, 32\)\) must be \(batch_size=2"):
         cache.update(torch.randn(1, 3, 32), torch.randn(1, 3, 8), 0)
-    with pytest.raises(ValueError, match=r"vocab_size \(0\) must be a positive integer"):
+    with pytest.raises(ValueError, match=r"vocab_size \(0\) must be >= 1"):
         MLALanguageModel(small_config(), vocab_size=0, n_layers=1, ffn_hidden_dim=8)
     lm = MLALanguageModel(small_config(), vocab_size=10, n_layers=1, ffn_hidden_dim=8)
     with pytest.raises(ValueError, match=r"max_new_tokens \(0\) must be a positive integer"):
