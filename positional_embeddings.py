@@ -1,4 +1,4 @@
-"""Positional embeddings: sinusoidal encodings and RoPE, proven, measured and drawn.
+"""Positional embeddings: sinusoidal encodings and RoPE, tested, measured and drawn.
 
 The problem
 -----------
@@ -1260,8 +1260,8 @@ def rope_claims(results: dict) -> dict:
             max_abs_err_unpermuted=unpermuted,
         ),
         "constant_content_stripes": claim(
-            f"with the same content at every position, RoPE scores vary along a diagonal by "
-            f"{dev_rope:.1e} and sinusoidal ones by {dev_sin:.2f}: "
+            f"with the same content at every position, RoPE scores vary along a diagonal of the "
+            f"score matrix by {dev_rope:.1e} and sinusoidal ones by {dev_sin:.2f}: "
             + ("only RoPE depends on n - m alone" if stripes else "this run did not separate them"),
             stripes,
             rope=dev_rope,
@@ -1384,8 +1384,11 @@ def decay_title(bound_at_0: float, bound_at_max: float, max_distance: int) -> st
 def expected_score_title(at_0: float, at_max: float, max_abs_z: float) -> str:
     """What the expected-score panel shows: the q = k curve and the independent-q, k mean."""
     trend = "falls" if abs(at_max) < abs(at_0) else "does not fall"
-    zero = "consistent with 0" if max_abs_z < 5 else f"NOT consistent with 0 (|z| {max_abs_z:.1f})"
-    return f"E score: q = k {trend} ({at_0:.0f} -> {at_max:.1f}); independent q, k: {zero}"
+    zero = "0 within noise" if max_abs_z < 5 else f"NOT 0 (|z| {max_abs_z:.1f})"
+    return (
+        f"Expected score: {trend} from {at_0:.0f} to {at_max:.0f} if q = k; "
+        f"{zero} for independent q, k"
+    )
 
 
 def plot_rope_decay(decay: dict) -> plt.Figure:
@@ -1394,7 +1397,7 @@ def plot_rope_decay(decay: dict) -> plt.Figure:
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
     ax0.plot(d, decay["relative_upper_bound"], color="C0")
     ax0.set_xlabel("relative distance n - m (tokens)")
-    ax0.set_ylabel(r"relative upper bound $\frac{1}{d/2}\sum_{l=1}^{d/2} |S_l|$")
+    ax0.set_ylabel(r"relative upper bound $(2/d)\,\sum_{l=1}^{d/2}\,|S_l|$")
     ax0.set_title(
         decay_title(
             decay["relative_upper_bound_at_0"],
@@ -1468,16 +1471,16 @@ def plot_attention_scores(att: dict) -> plt.Figure:
     fig, axes = plt.subplots(2, 2, figsize=(11, 9), layout="constrained")
     queries = [0, n // 4, n // 2]
     offsets = np.arange(n - queries[-1])
-    for col, (scheme, name) in enumerate((("sinusoidal", "sinusoidal added"), ("rope", "RoPE"))):
+    schemes = (("sinusoidal", "sinusoidal", "x + PE_m"), ("rope", "RoPE", "R_m x"))
+    for col, (scheme, name, qk) in enumerate(schemes):
         scores = mats[f"constant_{scheme}"]
         dev = att[f"toeplitz_max_dev_constant_{scheme}"]
-        vmax = float(scores.abs().max())
         ax = axes[0, col]
-        im = ax.imshow(scores.numpy(), cmap="RdBu_r", vmin=-vmax, vmax=vmax)
+        im = ax.imshow(scores.numpy(), cmap="viridis")
         fig.colorbar(im, ax=ax, label="score q·k/√d", shrink=0.8)
         ax.set_xlabel("key position n")
         ax.set_ylabel("query position m")
-        ax.set_title(f"{name}: scores, q = k = x + position")
+        ax.set_title(f"{name}: score of q_m = k_m = {qk} with k_n")
         ax = axes[1, col]
         for m, ls, lw in zip(queries, ("-", "--", ":"), (4, 2.5, 1.5), strict=True):
             ax.plot(
@@ -1486,7 +1489,7 @@ def plot_attention_scores(att: dict) -> plt.Figure:
         ax.set_xlabel("offset n - m (tokens)")
         ax.set_ylabel("score q·k/√d")
         verdict = "curves coincide" if dev < 1e-4 else "curves differ"
-        ax.set_title(f"{name}: {verdict} (max spread along a diagonal {dev:.1g})")
+        ax.set_title(f"{name}: {verdict} (diagonal spread {dev:.1g})")
         ax.legend(fontsize=8, loc="upper right")
     fig.suptitle(
         attention_scores_title(
@@ -1520,14 +1523,15 @@ def context_extension_title(ext: dict) -> str:
     methods = {k: v for k, v in ext["methods"].items() if k != "original"}
     keep = [k for k, v in methods.items() if abs(v["ratio_fastest_pair"] - 1) < 1e-6]
     slow = [k for k in methods if k not in keep]
-    parts = []
-    if keep:
-        parts.append(f"{', '.join(keep)} keep the fastest pair")
-    if slow:
-        parts.append(f"{', '.join(slow)} slow{'s' if len(slow) == 1 else ''} it too")
+
+    def names(items: list[str]) -> str:
+        return " and ".join([", ".join(items[:-1]), items[-1]]) if len(items) > 1 else items[0]
+
+    parts = [f"{names(keep)} keep the fastest pair"] if keep else []
+    parts += [f"{names(slow)} slow{'s' if len(slow) == 1 else ''} it too"] if slow else []
     return (
         f"Context extension x{ext['factor']:g} (head_dim {ext['head_dim']}, rope_theta "
-        f"{ext['rope_theta']:g}, trained on L = {ext['original_max_position_embeddings']}): "
+        f"{ext['rope_theta']:g}, trained on L = {ext['original_max_position_embeddings']}):\n"
         + "; ".join(parts)
     )
 

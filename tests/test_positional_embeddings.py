@@ -615,7 +615,8 @@ def test_figure_titles_follow_the_numbers():
     assert "did not fall" in pe.decay_title(6.5, 32.5, 256)  # contrary input
     assert "falls" in pe.expected_score_title(128, 41, 2.0)
     assert "does not fall" in pe.expected_score_title(41, 128, 2.0)
-    assert "NOT consistent with 0" in pe.expected_score_title(128, 41, 9.0)
+    assert "NOT 0" in pe.expected_score_title(128, 41, 9.0)
+    assert "0 within noise" in pe.expected_score_title(128, 41, 2.0)
     title = pe.attention_scores_title(3e-6, 1.7)
     assert "RoPE scores depend on n - m only" in title
     assert "neither" in pe.attention_scores_title(0.5, 1.7)
