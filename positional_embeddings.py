@@ -77,8 +77,8 @@ YaRN: Qwen2.5 long-context, DeepSeek-V3; Llama 3.1 scaling: Llama 3.1-3.3.
 
 Run it
 ------
-    uv run python positional_embeddings.py              # default sizes (about 7 s on a 2-core CPU)
-    uv run python positional_embeddings.py --quick      # small sizes, a few seconds
+    uv run python positional_embeddings.py              # default sizes (README: measured time)
+    uv run python positional_embeddings.py --quick      # small sizes, into figures/.../quick/
     uv run python positional_embeddings.py --out DIR --no-show --device cpu --seed 0
 
 It prints each check and measurement, saves every figure as PNG and every printed number in
@@ -1260,8 +1260,8 @@ def rope_claims(results: dict) -> dict:
             max_abs_err_unpermuted=unpermuted,
         ),
         "constant_content_stripes": claim(
-            f"with the same content at every position, RoPE scores vary along a diagonal of the "
-            f"score matrix by {dev_rope:.1e} and sinusoidal ones by {dev_sin:.2f}: "
+            f"RoPE scores of the same content at every position vary along a diagonal of the "
+            f"score matrix by {dev_rope:.1e}, sinusoidal ones by {dev_sin:.2f}: "
             + ("only RoPE depends on n - m alone" if stripes else "this run did not separate them"),
             stripes,
             rope=dev_rope,
@@ -1385,16 +1385,13 @@ def expected_score_title(at_0: float, at_max: float, max_abs_z: float) -> str:
     """What the expected-score panel shows: the q = k curve and the independent-q, k mean."""
     trend = "falls" if abs(at_max) < abs(at_0) else "does not fall"
     zero = "0 within noise" if max_abs_z < 5 else f"NOT 0 (|z| {max_abs_z:.1f})"
-    return (
-        f"Expected score: {trend} from {at_0:.0f} to {at_max:.0f} if q = k; "
-        f"{zero} for independent q, k"
-    )
+    return f"Expected score: {trend} {at_0:.0f} -> {at_max:.0f} if q = k; {zero} if independent"
 
 
 def plot_rope_decay(decay: dict) -> plt.Figure:
     """See RoFormer's bound on |score| shrink with distance; the expected score decays if q = k."""
     d = np.array(decay["distances"])
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(13, 4.8), layout="constrained")
     ax0.plot(d, decay["relative_upper_bound"], color="C0")
     ax0.set_xlabel("relative distance n - m (tokens)")
     ax0.set_ylabel(r"relative upper bound $(2/d)\,\sum_{l=1}^{d/2}\,|S_l|$")
