@@ -14,6 +14,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.testing import assert_close
 
 import positional_embeddings as pe
 
@@ -23,19 +24,6 @@ SETTINGS = settings(max_examples=25, deadline=None)
 def angle_atol(max_pos: int) -> float:
     """Worst score error of unit vectors from float32 angles up to max_pos (see the docstring)."""
     return 4 * max(max_pos, 1) * 2.0**-24 + 1e-6
-
-
-def assert_close(actual, expected, atol=1e-5, rtol=1.3e-6):
-    """|actual - expected| <= atol + rtol |expected| elementwise, same shape and dtype.
-
-    torch.testing.assert_close would do, but its first call imports torch.distributed.tensor
-    (seconds of CPU here); the defaults are its float32 ones.
-    """
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
-    err = (actual - expected).abs()
-    worst = err.max().item() if err.numel() else 0.0
-    assert bool((err <= atol + rtol * expected.abs()).all()), f"max abs err {worst:.3g}"
 
 
 def unit(*shape: int, generator: torch.Generator) -> torch.Tensor:
@@ -412,142 +400,291 @@ def test_toeplitz_deviation_can_tell_relative_from_absolute():
 
 
 def test_rope_scores_are_relative_and_sinusoidal_ones_are_not():
-    res = pe.check_attention_patterns(pe.attention_score_matrices(seq_len=32, head_dim=32))
+    res = pe.check_attention_patterns(seq_len=32, head_dim=32)
     assert res["toeplitz_max_dev_constant_rope"] < 1e-4
     assert res["toeplitz_max_dev_constant_none"] < 1e-5
     assert res["toeplitz_max_dev_constant_sinusoidal"] > 0.1
 
 
-# ---- bad input ---------------------------------------------------------------------------------
+# ---- bad input: one test per rule family, matching the argument's name -----------------------
 
 
 def _rope8():
     return pe.RotaryEmbedding(head_dim=4, max_seq_len=8)
 
 
-QK = (torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4))
-BAD_INPUT = {
-    # odd head_dim / d_model where pairs are needed
-    "odd d_model": (lambda: pe.sinusoidal_encoding(4, 7), r"d_model \(7\) must be a positive even"),
-    "odd d_model module": (lambda: pe.SinusoidalPositionalEncoding(9, 4), r"d_model \(9\)"),
-    "odd head_dim": (lambda: pe.RotaryEmbedding(7, 8), r"head_dim \(7\) must be a positive even"),
-    "odd head_dim scaling": (
-        lambda: pe.rope_scaling_inv_freq("linear", 63, factor=2.0),
-        r"head_dim \(63\)",
-    ),
-    "odd head_dim permute": (
-        lambda: pe.permute_for_half_split(torch.zeros(10, 3), n_heads=2),
-        r"head_dim \(5\)",
-    ),
-    # positions beyond the cached table: raise, do not extend
-    "positions beyond table": (
-        lambda: _rope8()(*QK, positions=torch.tensor([0, 1, 2, 8])),
-        r"positions \(max 8\) must be < max_seq_len \(8\)",
-    ),
-    "start_pos beyond table": (
-        lambda: _rope8()(*QK, start_pos=6),
-        r"start_pos \(6\) \+ seq_len \(4\) needs 10 positions, but max_seq_len is 8 "
-        r"\(room for 2 more\)",
-    ),
-    "sinusoidal beyond table": (
-        lambda: pe.SinusoidalPositionalEncoding(4, 8)(torch.zeros(1, 4, 4), start_pos=5),
-        r"max_seq_len is 8",
-    ),
-    # negative positions
-    "negative positions": (
-        lambda: _rope8()(*QK, positions=torch.tensor([-1, 0, 1, 2])),
-        r"positions \(min -1\) must be >= 0",
-    ),
-    "negative start_pos": (lambda: _rope8()(*QK, start_pos=-1), r"start_pos \(-1\) must be >= 0"),
-    "negative start_pos sinusoidal": (
-        lambda: pe.sinusoidal_encoding(4, 8, start_pos=-2),
-        r"start_pos \(-2\) must be >= 0",
-    ),
-    # base <= 1
-    "base sinusoidal": (
-        lambda: pe.sinusoidal_encoding(4, 8, base=1.0),
-        r"base \(1.0\) must be > 1",
-    ),
-    "base rope": (
-        lambda: pe.RotaryEmbedding(8, 8, rope_base=0.5),
-        r"rope_base \(0.5\) must be > 1",
-    ),
-    "base scaling": (
-        lambda: pe.linear_scaling_inv_freq(8, rope_theta=1.0, factor=2.0),
-        r"rope_theta \(1.0\) must be > 1",
-    ),
-    # scaling factor < 1, for every scaling function
-    "factor linear": (
-        lambda: pe.linear_scaling_inv_freq(8, 1e4, 0.5),
-        r"factor \(0.5\) must be >= 1",
-    ),
-    "factor ntk": (lambda: pe.ntk_aware_inv_freq(8, 1e4, 0.5), r"factor \(0.5\) must be >= 1"),
-    "factor dynamic": (
-        lambda: pe.dynamic_ntk_inv_freq(8, 1e4, 0.5, 1024),
-        r"factor \(0.5\) must be >= 1",
-    ),
-    "factor yarn": (lambda: pe.yarn_inv_freq(8, 1e4, 0.5, 1024), r"factor \(0.5\) must be >= 1"),
-    "factor llama3": (
-        lambda: pe.llama3_inv_freq(8, 1e4, 0.5, 1024),
-        r"factor \(0.5\) must be >= 1",
-    ),
-    # unknown scaling type lists the valid ones
-    "unknown rope_type": (
-        lambda: pe.rope_scaling_inv_freq("longrope", 8),
-        r"rope_type \('longrope'\) must be one of 'default', 'linear', 'ntk', 'dynamic', "
-        r"'yarn', 'llama3'",
-    ),
-    "unknown rope_type module": (
-        lambda: pe.RotaryEmbedding(8, 8, rope_scaling={"rope_type": "xpos", "factor": 2.0}),
-        r"rope_type \('xpos'\) must be one of",
-    ),
-    # integer sizes below 1
-    "max_seq_len sinusoidal": (
-        lambda: pe.SinusoidalPositionalEncoding(4, 0),
-        r"max_seq_len \(0\) must be >= 1",
-    ),
-    "max_seq_len rope": (lambda: pe.RotaryEmbedding(8, 0), r"max_seq_len \(0\) must be >= 1"),
-    "max_position_embeddings dynamic": (
-        lambda: pe.dynamic_ntk_inv_freq(8, 1e4, 2.0, 0),
-        r"max_position_embeddings \(0\) must be >= 1",
-    ),
-    "original_max_position_embeddings yarn": (
-        lambda: pe.yarn_inv_freq(8, 1e4, 2.0, 0),
-        r"original_max_position_embeddings \(0\) must be >= 1",
-    ),
-    "original_max_position_embeddings llama3": (
-        lambda: pe.llama3_inv_freq(8, 1e4, 2.0, 0),
-        r"original_max_position_embeddings \(0\) must be >= 1",
-    ),
-    # other rules
-    "unknown layout": (
-        lambda: pe.rope_rotation_matrix(0, 8, layout="neox"),
-        r"layout \('neox'\) must be one of 'half_split', 'interleaved'",
-    ),
-    "head_dim mismatch": (
-        lambda: _rope8()(torch.zeros(1, 1, 4, 6), torch.zeros(1, 1, 4, 6)),
-        r"q.shape\[-1\] \(6\) must equal head_dim \(4\)",
-    ),
-    "positions and start_pos": (
-        lambda: _rope8()(*QK, positions=torch.arange(4), start_pos=1),
-        r"start_pos \(1\) must be 0 when positions are given",
-    ),
-    "yarn betas": (
-        lambda: pe.yarn_inv_freq(8, 1e4, 2.0, 1024, beta_fast=1.0, beta_slow=32.0),
-        r"beta_fast \(1.0\) must be > beta_slow \(32.0\)",
-    ),
-    "llama3 freq factors": (
-        lambda: pe.llama3_inv_freq(8, 1e4, 2.0, 1024, low_freq_factor=4.0, high_freq_factor=1.0),
-        r"high_freq_factor \(1.0\) must be > low_freq_factor \(4.0\)",
-    ),
-}
+def _qk(*shape, dtype=torch.float32):
+    return torch.zeros(*shape, dtype=dtype)
 
 
-@pytest.mark.parametrize("case", BAD_INPUT, ids=list(BAD_INPUT))
-def test_bad_input_raises_value_error_naming_the_argument(case):
-    fn, match = BAD_INPUT[case]
-    with pytest.raises(ValueError, match=match):
+QK = (_qk(1, 1, 4, 4), _qk(1, 1, 4, 4))
+
+# (argument named in the message, call)
+BAD_TYPES = [
+    ("head_dim", lambda: pe.RotaryEmbedding(8.0, 8)),
+    ("max_seq_len", lambda: pe.RotaryEmbedding(8, True)),
+    ("max_seq_len", lambda: pe.SinusoidalPositionalEncoding(8, None)),
+    ("d_model", lambda: pe.sinusoidal_encoding(4, "8")),
+    ("seq_len", lambda: pe.sinusoidal_encoding(2.5, 8)),
+    ("start_pos", lambda: _rope8()(*QK, start_pos=1.0)),
+    ("start_pos", lambda: pe.sinusoidal_encoding(4, 8, start_pos=True)),
+    ("rope_base", lambda: pe.RotaryEmbedding(8, 8, rope_base="1e4")),
+    ("rope_scaling", lambda: pe.RotaryEmbedding(8, 8, rope_scaling="yarn")),
+    ("original_max_position_embeddings", lambda: pe.yarn_inv_freq(8, 1e4, 2.0, 64.5)),
+    ("original_max_position_embeddings", lambda: pe.llama3_inv_freq(8, 1e4, 2.0, 64.0)),
+    ("max_position_embeddings", lambda: pe.dynamic_ntk_inv_freq(8, 1e4, 2.0, None)),
+    ("seq_len", lambda: pe.dynamic_ntk_inv_freq(8, 1e4, 2.0, 64, seq_len=2.5)),
+    ("mscale", lambda: pe.yarn_inv_freq(8, 1e4, 2.0, 64, mscale="1", mscale_all_dim=1.0)),
+    ("truncate", lambda: pe.yarn_inv_freq(8, 1e4, 2.0, 64, truncate="no")),
+    ("n_heads", lambda: pe.permute_for_half_split(torch.zeros(16, 4), 2.0)),
+    ("weight", lambda: pe.permute_for_half_split([[0.0]], 1)),
+    ("position", lambda: pe.rope_rotation_matrix(1.5, 8)),
+    ("k", lambda: pe.sinusoidal_shift_matrix(0.5, 8)),
+    ("positions", lambda: _rope8()(*QK, positions=[0, 1, 2, 3])),
+    ("q", lambda: _rope8()("q", QK[1])),
+]
+
+BAD_RANGES = [
+    ("head_dim", lambda: pe.RotaryEmbedding(7, 8)),
+    ("head_dim", lambda: pe.RotaryEmbedding(0, 8)),
+    ("d_model", lambda: pe.sinusoidal_encoding(4, 7)),
+    ("d_model", lambda: pe.SinusoidalPositionalEncoding(9, 4)),
+    ("head_dim", lambda: pe.rope_scaling_inv_freq("linear", 63, factor=2.0)),
+    ("head_dim", lambda: pe.permute_for_half_split(torch.zeros(10, 3), n_heads=2)),
+    ("max_seq_len", lambda: pe.RotaryEmbedding(8, 0)),
+    ("max_seq_len", lambda: pe.SinusoidalPositionalEncoding(4, 0)),
+    ("base", lambda: pe.sinusoidal_encoding(4, 8, base=1.0)),
+    ("rope_base", lambda: pe.RotaryEmbedding(8, 8, rope_base=0.5)),
+    ("rope_base", lambda: pe.RotaryEmbedding(8, 8, rope_base=math.inf)),
+    ("rope_theta", lambda: pe.linear_scaling_inv_freq(8, rope_theta=1.0, factor=2.0)),
+    ("rope_theta", lambda: pe.ntk_aware_inv_freq(8, math.nan, 2.0)),
+    ("factor", lambda: pe.linear_scaling_inv_freq(8, 1e4, 0.5)),
+    ("factor", lambda: pe.ntk_aware_inv_freq(8, 1e4, math.inf)),
+    ("factor", lambda: pe.dynamic_ntk_inv_freq(8, 1e4, 0.5, 1024)),
+    ("factor", lambda: pe.yarn_inv_freq(8, 1e4, math.inf, 1024)),
+    ("factor", lambda: pe.llama3_inv_freq(8, 1e4, -2.0, 1024)),
+    ("factor", lambda: pe.RotaryEmbedding(8, 8, rope_scaling={"rope_type": "linear", "factor": 0})),
+    ("head_dim", lambda: pe.dynamic_ntk_inv_freq(2, 1e4, 2.0, 64)),
+    ("head_dim", lambda: pe.ntk_aware_inv_freq(2, 1e4, 2.0)),
+    ("max_position_embeddings", lambda: pe.dynamic_ntk_inv_freq(8, 1e4, 2.0, 0)),
+    ("original_max_position_embeddings", lambda: pe.yarn_inv_freq(8, 1e4, 2.0, 0)),
+    ("original_max_position_embeddings", lambda: pe.llama3_inv_freq(8, 1e4, 2.0, 0)),
+    ("beta_slow", lambda: pe.yarn_inv_freq(8, 1e4, 2.0, 1024, beta_slow=0.0)),
+    ("beta_fast", lambda: pe.yarn_inv_freq(8, 1e4, 2.0, 1024, beta_fast=1.0, beta_slow=32.0)),
+    ("mscale", lambda: pe.yarn_inv_freq(8, 1e4, 2.0, 64, mscale=-1.0, mscale_all_dim=1.0)),
+    ("mscale_all_dim", lambda: pe.yarn_inv_freq(8, 1e4, 2.0, 64, mscale=1.0, mscale_all_dim=-1)),
+    ("attention_factor", lambda: pe.yarn_inv_freq(8, 1e4, 2.0, 64, attention_factor=math.inf)),
+    ("low_freq_factor", lambda: pe.llama3_inv_freq(8, 1e4, 2.0, 1024, low_freq_factor=0.0)),
+    ("high_freq_factor", lambda: pe.llama3_inv_freq(8, 1e4, 2.0, 1024, low_freq_factor=4.0)),
+    ("n_heads", lambda: pe.permute_for_interleaved(torch.zeros(16, 4), 0)),
+    ("n_heads", lambda: pe.permute_for_interleaved(torch.zeros(16, 4), 3)),
+    ("start_pos", lambda: _rope8()(*QK, start_pos=-1)),
+    ("start_pos", lambda: pe.sinusoidal_encoding(4, 8, start_pos=-2)),
+    ("seq_len", lambda: pe.sinusoidal_encoding(-1, 8)),
+]
+
+# positions and lengths against the table: raise, never extend or wrap
+BAD_LENGTHS = [
+    ("positions", lambda: _rope8()(*QK, positions=torch.tensor([0, 1, 2, 8]))),
+    ("positions", lambda: _rope8()(*QK, positions=torch.tensor([-1, 0, 1, 2]))),
+    ("start_pos", lambda: _rope8()(*QK, start_pos=6)),
+    ("start_pos", lambda: _rope8().cos_sin(4, start_pos=5)),
+    ("start_pos", lambda: pe.SinusoidalPositionalEncoding(4, 8)(torch.zeros(1, 4, 4), start_pos=5)),
+    ("k", lambda: _rope8()(_qk(1, 1, 4, 4), _qk(1, 1, 1, 4))),  # k of another length
+    ("k", lambda: _rope8()(_qk(1, 1, 4, 4), _qk(3, 1, 4, 4))),  # k of another batch
+    ("positions", lambda: _rope8()(*QK, positions=torch.arange(3))),
+    ("positions", lambda: _rope8()(_qk(2, 1, 4, 4), _qk(2, 1, 4, 4), positions=torch.zeros(3, 4))),
+]
+
+BAD_DTYPES = [
+    ("q", lambda: _rope8()(_qk(1, 1, 4, 4, dtype=torch.int64), QK[1])),
+    ("k", lambda: _rope8()(QK[0], _qk(1, 1, 4, 4, dtype=torch.int32))),
+    ("k", lambda: _rope8()(QK[0], _qk(1, 1, 4, 4, dtype=torch.float64))),
+    ("x", lambda: pe.SinusoidalPositionalEncoding(4, 8)(torch.zeros(1, 2, 4, dtype=torch.long))),
+    ("positions", lambda: _rope8()(*QK, positions=torch.arange(4.0))),
+    ("dtype", lambda: pe.sinusoidal_encoding(4, 8, dtype=torch.int64)),
+    ("dtype", lambda: pe.rope_rotation_matrix(1, 8, dtype=torch.bool)),
+    ("dtype", lambda: pe.sinusoidal_shift_matrix(1, 8, dtype="float32")),
+    ("weight", lambda: pe.permute_for_half_split(torch.zeros(16, 4, dtype=torch.long), 2)),
+]
+
+# shapes and choices the contract names
+BAD_CONTRACTS = [
+    ("q", lambda: _rope8()(_qk(1, 1, 4, 6), _qk(1, 1, 4, 6))),  # head_dim 6 != 4
+    ("q", lambda: _rope8()(_qk(4, 4), _qk(4, 4))),  # not (batch, heads, seq_len, head_dim)
+    ("x", lambda: pe.SinusoidalPositionalEncoding(8, 8)(torch.zeros(1, 2, 6))),
+    ("positions", lambda: _rope8()(*QK, positions=torch.zeros(1, 2, 4, dtype=torch.long))),
+    ("start_pos", lambda: _rope8()(*QK, positions=torch.arange(4), start_pos=1)),
+    ("layout", lambda: pe.rope_rotation_matrix(0, 8, layout="neox")),
+    ("rope_type", lambda: pe.rope_scaling_inv_freq("longrope", 8)),
+    ("rope_type", lambda: pe.RotaryEmbedding(8, 8, rope_scaling={"rope_type": "xpos"})),
+    ("weight", lambda: pe.permute_for_half_split(torch.zeros(16), 2)),
+    ("x", lambda: pe.apply_rope_complex(torch.zeros(4, 7), pe.rope_freqs_cis(torch.arange(4), 8))),
+    ("positions", lambda: pe.rope_freqs_cis(torch.zeros(2, 2), 8)),
+]
+
+
+def _check_family(arg, fn):
+    with pytest.raises((ValueError, TypeError), match=arg):
         fn()
+
+
+@pytest.mark.parametrize(("arg", "fn"), BAD_TYPES)
+def test_bad_types_raise_naming_the_argument(arg, fn):
+    _check_family(arg, fn)
+
+
+@pytest.mark.parametrize(("arg", "fn"), BAD_RANGES)
+def test_bad_ranges_raise_naming_the_argument(arg, fn):
+    _check_family(arg, fn)
+
+
+@pytest.mark.parametrize(("arg", "fn"), BAD_LENGTHS)
+def test_positions_beyond_the_table_and_mismatched_lengths_raise(arg, fn):
+    _check_family(arg, fn)
+
+
+@pytest.mark.parametrize(("arg", "fn"), BAD_DTYPES)
+def test_bad_dtypes_raise_instead_of_casting(arg, fn):
+    _check_family(arg, fn)
+
+
+@pytest.mark.parametrize(("arg", "fn"), BAD_CONTRACTS)
+def test_broken_contracts_raise_naming_the_argument(arg, fn):
+    _check_family(arg, fn)
+
+
+@SETTINGS
+@given(
+    head_dim=st.one_of(
+        st.integers(-8, 1), st.integers(1, 64).map(lambda n: 2 * n + 1), st.floats(), st.none()
+    ),
+    max_seq_len=st.one_of(st.integers(-8, 0), st.floats(), st.booleans(), st.text(max_size=2)),
+    which=st.sampled_from(["head_dim", "max_seq_len"]),
+)
+def test_bad_sizes_from_hypothesis_raise_naming_the_argument(head_dim, max_seq_len, which):
+    args = {"head_dim": 8, "max_seq_len": 8}
+    args[which] = head_dim if which == "head_dim" else max_seq_len
+    with pytest.raises((ValueError, TypeError), match=which):
+        pe.RotaryEmbedding(**args)
+
+
+def test_edge_cases_with_an_answer_get_it():
+    rope = pe.RotaryEmbedding(8, 16)
+    q, k = rope(torch.zeros(0, 2, 3, 8), torch.zeros(0, 1, 3, 8))  # a batch of 0
+    assert q.shape == (0, 2, 3, 8) and k.shape == (0, 1, 3, 8)
+    assert pe.sinusoidal_encoding(0, 8).shape == (0, 8)  # no positions
+    q, _ = rope(torch.zeros(1, 1, 0, 8), torch.zeros(1, 1, 0, 8), start_pos=16)  # nothing new
+    assert q.shape == (1, 1, 0, 8)
+
+
+@pytest.mark.parametrize(("dtype", "seq_len"), [(torch.bfloat16, 512), (torch.float16, 4096)])
+def test_low_precision_sinusoidal_table_is_the_float64_table_rounded_once(dtype, seq_len):
+    exact = pe.sinusoidal_encoding(seq_len, 64, dtype=torch.float64)
+    low = pe.sinusoidal_encoding(seq_len, 64, dtype=dtype)
+    assert low.dtype == dtype
+    # entries lie in [-1, 1]: rounding once errs by at most half the spacing at 1, eps / 2
+    assert (low.double() - exact).abs().max().item() <= torch.finfo(dtype).eps / 2
+
+
+def test_headline_docstring_example_runs():
+    import doctest
+
+    finder = doctest.DocTestFinder()
+    runner = doctest.DocTestRunner()
+    for test in finder.find(pe.RotaryEmbedding, "RotaryEmbedding", globs=dict(vars(pe))):
+        runner.run(test)
+    assert runner.summarize(verbose=False).attempted >= 3
+    assert runner.summarize(verbose=False).failed == 0
+
+
+# ---- wording that follows the numbers ----------------------------------------------------------
+
+
+def test_speed_sentence_follows_the_rounds():
+    text, held = pe.speed_sentence("A", {"median": 2.0, "min": 1.8, "max": 2.2}, 5)
+    assert held and "2.00x faster" in text and "1.80-2.20x" in text
+    text, held = pe.speed_sentence("A", {"median": 0.5, "min": 0.4, "max": 0.8}, 5)
+    assert held and "2.00x slower" in text and "1.25-2.50x" in text
+    text, held = pe.speed_sentence("A", {"median": 1.3, "min": 0.7, "max": 1.9}, 5)  # noisy
+    assert not held and "did not show" in text and "faster" not in text
+
+
+def test_figure_titles_follow_the_numbers():
+    assert "falls 5.0x" in pe.decay_title(32.5, 6.5, 256)
+    assert "did not fall" in pe.decay_title(6.5, 32.5, 256)  # contrary input
+    assert "falls" in pe.expected_score_title(128, 41, 2.0)
+    assert "does not fall" in pe.expected_score_title(41, 128, 2.0)
+    assert "NOT 0" in pe.expected_score_title(128, 41, 9.0)
+    assert "0 within noise" in pe.expected_score_title(128, 41, 2.0)
+    title = pe.attention_scores_title(3e-6, 1.7)
+    assert "RoPE scores depend on n - m only" in title
+    assert "neither" in pe.attention_scores_title(0.5, 1.7)
+    assert "only sinusoidal" in pe.attention_scores_title(0.5, 1e-6)
+    assert "both" in pe.attention_scores_title(1e-6, 1e-6)
+
+
+def test_context_extension_titles_follow_the_ratios():
+    ext = pe.context_extension(
+        head_dim=64, rope_theta=1e4, factor=4.0, original_max_position_embeddings=512
+    )
+    title = pe.context_extension_title(ext)
+    assert "YaRN" in title.split("keep the fastest pair")[0]
+    assert "linear (PI) slows it too" in title
+    rows = ext["methods"]
+    assert pe.extension_panel_title("PI", rows["linear (PI)"], 4.0) == "PI: all 32 pairs slowed 4x"
+    assert "q, k x1.139" in pe.extension_panel_title("YaRN", rows["YaRN"], 4.0)
+    # contrary input: a "scheme" that keeps everything says so
+    assert "every pair unchanged" in pe.extension_panel_title("o", rows["original"], 4.0)
+    ext["methods"]["YaRN"]["ratio_fastest_pair"] = 0.5
+    assert "YaRN" in pe.context_extension_title(ext).split("keep the fastest pair")[1]
+
+
+def test_claims_follow_the_numbers():
+    results = {
+        "rope": {
+            "max_position": 4096,
+            "n_trials": 10,
+            "max_abs_err_scores_offset_only": 1e-5,
+            "max_abs_err_layout_scores": 1e-6,
+            "max_abs_err_layout_scores_unpermuted": 5.0,
+        },
+        "attention_patterns": {
+            "toeplitz_max_dev_constant_rope": 1e-6,
+            "toeplitz_max_dev_constant_sinusoidal": 1.5,
+        },
+        "decay": {
+            "relative_upper_bound_at_0": 32.5,
+            "relative_upper_bound_at_max_distance": 6.5,
+            "distances": [0, 256],
+        },
+        "benchmark": {
+            "rounds": 5,
+            "speedup_vs_half_split_cached": {
+                "half_split_uncached": {"median": 0.5, "min": 0.45, "max": 0.55},
+                "interleaved_complex": {"median": 1.1, "min": 0.9, "max": 1.3},
+            },
+        },
+    }
+    claims = pe.rope_claims(results)
+    assert all(c["held"] for k, c in claims.items() if k != "complex_form_speed")
+    assert not claims["complex_form_speed"]["held"]  # noisy: no direction claimed
+    # contrary numbers: every claim says it was not shown
+    results["rope"]["max_abs_err_scores_offset_only"] = 0.1
+    results["rope"]["max_abs_err_layout_scores_unpermuted"] = 1e-6
+    results["attention_patterns"]["toeplitz_max_dev_constant_rope"] = 1.0
+    results["decay"]["relative_upper_bound_at_max_distance"] = 40.0
+    results["benchmark"]["speedup_vs_half_split_cached"]["half_split_uncached"] = {
+        "median": 1.5,
+        "min": 1.2,
+        "max": 1.8,
+    }
+    claims = pe.rope_claims(results)
+    assert not any(c["held"] for c in claims.values())
+    assert "MORE than" in claims["relative_scores"]["statement"]
+    assert "did not separate" in claims["constant_content_stripes"]["statement"]
+    assert "did not decay" in claims["bound_decays"]["statement"]
+    assert "faster" in claims["cached_cos_sin"]["statement"]
 
 
 # ---- smoke test --------------------------------------------------------------------------------
@@ -572,6 +709,7 @@ def test_main_quick_writes_every_figure_and_result(run_main):
         "attention_patterns",
         "context_extension",
         "benchmark",
+        "claims",
     ]
     # the printed worst errors are the ones the tests above bound
     assert r["sinusoidal"]["max_abs_err_shift_float64"] < 1e-12
@@ -594,5 +732,9 @@ def test_main_quick_writes_every_figure_and_result(run_main):
     }
     bench = r["benchmark"]
     for name in ("half_split_uncached", "interleaved_complex", "interleaved_real"):
-        assert bench[f"{name}_vs_half_split_cached_ratio"] > 0
+        s = bench["speedup_vs_half_split_cached"][name]
+        assert 0 < s["min"] <= s["median"] <= s["max"]
     assert bench["cos_sin_cache_bytes"] == 2 * bench["freqs_cis_bytes"]
+    for key in ("relative_scores", "layouts_agree_after_permutation", "constant_content_stripes"):
+        assert r["claims"][key]["held"], r["claims"][key]["statement"]
+    assert "[held]" in run.stdout
