@@ -1156,6 +1156,28 @@ def _spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def _times(x: float) -> str:
+    """A ratio for print: 2 significant digits near 1, one decimal above 2."""
+    return f"{x:.2f}x" if x < 1.995 else f"{x:.1f}x"
+
+
+def speed_phrase(ratio: dict, fast: str, slow: str) -> str:
+    """Word a time ratio (``slow``'s time / ``fast``'s, median and min..max over rounds) by what
+    was measured: who was faster by how much, or that the rounds could not tell them apart."""
+    med, lo, hi = ratio["median"], ratio["min"], ratio["max"]
+    if lo > 1:
+        return f"{fast} is {_times(med)} faster than {slow} (rounds: {_times(lo)}-{_times(hi)})"
+    if hi < 1:
+        return (
+            f"{slow} is {_times(1 / med)} faster than {fast} "
+            f"(rounds: {_times(1 / hi)}-{_times(1 / lo)})"
+        )
+    return (
+        f"this run could not tell {fast} and {slow} apart ({slow} / {fast} time "
+        f"{_times(lo)}-{_times(hi)} over the rounds)"
+    )
+
+
 def benchmark_decode(
     config: MLAConfig, contexts: list[int], device, rounds: int, min_run_time: float
 ) -> dict:
@@ -1225,6 +1247,9 @@ def benchmark_decode(
         "mha_head_dim": c.qk_nope_head_dim,
         "cache_bytes_per_token_per_layer": cache_bytes,
         "cache_bytes_ratio_mha_vs_mla": cache_bytes["mha"] / cache_bytes["mla"],
+        # the comparisons at the longest context in words, direction and spread included
+        "absorbed_vs_naive_phrase": speed_phrase(naive_vs_abs[-1], "absorbed MLA", "naive MLA"),
+        "absorbed_vs_mha_phrase": speed_phrase(ratio("mha", "absorbed")[-1], "absorbed MLA", "MHA"),
     }
 
 
@@ -1446,28 +1471,6 @@ def plot_mla_data_flow(config: MLAConfig) -> plt.Figure:
         fontsize=12,
     )
     return fig
-
-
-def _times(x: float) -> str:
-    """A ratio for print: 2 significant digits near 1, one decimal above 2."""
-    return f"{x:.2f}x" if x < 1.995 else f"{x:.1f}x"
-
-
-def speed_phrase(ratio: dict, fast: str, slow: str) -> str:
-    """Word a time ratio (``slow``'s time / ``fast``'s, median and min..max over rounds) by what
-    was measured: who was faster by how much, or that the rounds could not tell them apart."""
-    med, lo, hi = ratio["median"], ratio["min"], ratio["max"]
-    if lo > 1:
-        return f"{fast} is {_times(med)} faster than {slow} (rounds: {_times(lo)}-{_times(hi)})"
-    if hi < 1:
-        return (
-            f"{slow} is {_times(1 / med)} faster than {fast} "
-            f"(rounds: {_times(1 / hi)}-{_times(1 / lo)})"
-        )
-    return (
-        f"this run could not tell {fast} and {slow} apart ({slow} / {fast} time "
-        f"{_times(lo)}-{_times(hi)} over the rounds)"
-    )
 
 
 def decode_time_title(bench: dict) -> str:
