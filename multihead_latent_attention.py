@@ -419,13 +419,7 @@ class MultiHeadLatentAttention(nn.Module):
             scores = scores.masked_fill(~mask, float("-inf"))
         return F.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        start_pos: int = 0,
-        cache: LatentKVCache | None = None,
-        mode: str = "naive",
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start_pos=0, cache=None, mode="naive") -> torch.Tensor:
         """x (batch, seq_len, d_model) at positions start_pos.. -> (batch, seq_len, d_model)."""
         _check_hidden_states(x, self.config.d_model, self.o_proj.weight)
         _check_positions(start_pos, x.shape[1], self.config.max_seq_len)
@@ -492,9 +486,7 @@ class LatentKVCache:
         self.pe_cache = torch.zeros(*shape, qk_rope_head_dim, dtype=dtype, device=device)
         self.length = 0  # number of filled positions
 
-    def update(
-        self, c_kv: torch.Tensor, k_pe: torch.Tensor, start_pos: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, c_kv, k_pe, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write c_kv (batch, n, d_c), k_pe (batch, n, d_rope) at ``start_pos``; return views
         of every filled position so far."""
         _check_cache_tensor("c_kv", c_kv, self.kv_cache, (self.batch_size, None, self.kv_lora_rank))
