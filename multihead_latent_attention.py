@@ -547,7 +547,9 @@ def _check_cache_tensor(name: str, t: torch.Tensor, like: torch.Tensor, shape: t
     """``t`` must match the cache buffer ``like`` in dtype and device and have ``shape``
     (``None`` in ``shape`` is the number of new tokens, free)."""
     _check_float_tensor(name, t)
-    if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+    if t.dim() != len(shape) or any(
+        s is not None and s != d for s, d in zip(shape, t.shape, strict=True)
+    ):
         wanted = ", ".join("n" if s is None else str(s) for s in shape)
         raise ValueError(f"{name} (shape {tuple(t.shape)}) must have shape ({wanted})")
     if t.dtype != like.dtype or t.device != like.device:
