@@ -111,7 +111,7 @@ Contents
    ``mha_with_similar_heads``, ``kv_cache_bytes``, ``LLAMA2_70B_SHAPE``, ``AllocationTracker``,
    ``MatmulFlopCounter``, ``measure_allocations``, ``divisors_descending``, ``round_ratios``.
 4. Experiments: ``check_correctness``, ``analyze_cache_memory``, ``cache_vs_context``,
-   ``benchmark_decode``, ``analyze_conversion``, ``versus``, ``claim``, ``weigh_claims``,
+   ``benchmark_decode``, ``analyze_conversion``, ``speedup_phrase``, ``claim``, ``weigh_claims``,
    ``print_claims``.
 5. Figures: ``tokens_label``, the title functions, ``plot_head_sharing``,
    ``plot_cache_vs_context``, ``plot_decode_time``, ``plot_sharing_methods``,
@@ -239,9 +239,7 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 def _attention_repeat_kv(q, k, v, mask=None):
     """Copy each KV head to its `group` query heads, then plain attention over n_heads heads.
-
-    q (b, n_heads, q_len, d); k, v (b, n_kv_heads, kv_len, d); mask (q_len, kv_len) bool or None.
-    """
+    q (b, n_heads, q_len, d); k, v (b, n_kv_heads, kv_len, d); mask (q_len, kv_len) bool or None."""
     group = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, group), repeat_kv(v, group)  # (b, n_heads, kv_len, d): copies if group > 1
     q = q / math.sqrt(q.shape[-1])  # scale the q_len queries, not the kv_len scores
@@ -254,11 +252,8 @@ def _attention_repeat_kv(q, k, v, mask=None):
 
 def _attention_grouped(q, k, v, mask=None):
     """Group the queries by KV head so each KV head is multiplied as is: no copy of k or v.
-
-    Query head h = j * group + r (r = 0..group-1) reads KV head j, so viewing the heads as
-    (n_kv_heads, group) lines every query head up with its KV head. Folding (group, q_len) into
-    one row dimension makes each KV head one plain matmul operand of shape (kv_len, d).
-    """
+    Query head h = j * group + r reads KV head j: viewing the heads as (n_kv_heads, group) and
+    folding (group, q_len) into rows makes each KV head one plain (kv_len, d) matmul operand."""
     b, h, s, d = q.shape
     n_kv, t = k.shape[1], k.shape[2]
     group = h // n_kv
@@ -296,12 +291,10 @@ def attend(q, k, v, mask=None, sharing: str = "grouped") -> torch.Tensor:
 class GroupedQueryAttention(nn.Module):
     """Grouped-query attention (Ainslie et al. 2023): n_heads query heads share n_kv_heads KV heads.
 
-    n_kv_heads == n_heads is MHA, n_kv_heads == 1 is MQA. The parameters are transformers'
-    ``LlamaAttention``'s (q_proj, k_proj, v_proj, o_proj), so a Llama layer's state_dict loads
-    with ``strict=True`` (every key present and matching); half-split RoPE on q and k.
-    ``max_seq_len`` is the longest sequence (prompt + generated) it accepts. ``sharing`` is how a
-    group of query heads reads its KV head: "grouped" (copy-free), "repeat_kv" (copies, as
-    transformers' eager path) or "sdpa" (PyTorch's fused kernel).
+    n_kv_heads == n_heads is MHA, n_kv_heads == 1 is MQA. Parameters as transformers'
+    ``LlamaAttention`` (a Llama layer's state_dict loads with ``strict=True``), half-split RoPE.
+    ``max_seq_len``: the longest sequence it accepts. ``sharing``: how a group of query heads
+    reads its KV head, "grouped" (copy-free), "repeat_kv" (copies, as transformers) or "sdpa".
 
     >>> attn = GroupedQueryAttention(64, n_heads=8, n_kv_heads=2, max_seq_len=16)
     >>> x = torch.randn(1, 5, 64)  # (batch, seq_len, d_model)
@@ -476,18 +469,13 @@ class KVCache:
 def mha_to_gqa(attn: nn.Module, n_kv_heads: int) -> GroupedQueryAttention:
     """Convert a multi-head (or finer grouped) layer to n_kv_heads KV heads by mean-pooling.
 
-    Ainslie et al. 2023, sections 2.1-2.2: each group's key and value head is the mean of the
-    source heads in that group. New KV head i serves query heads i*group .. (i+1)*group - 1, so it
-    is the mean of the r = (source n_kv_heads) / n_kv_heads source KV heads they read:
-    W_k,i = (1/r) sum_{m<r} W_k,(i*r + m), the same for W_v. RoPE is the same linear map for
-    every head, so pooling before RoPE equals pooling the rotated keys. q_proj and o_proj are
-    copied. Exact when every group's heads are identical; otherwise the paper uptrains.
+    Ainslie et al. 2023, sections 2.1-2.2: new KV head i is the mean of the r = (source
+    n_kv_heads) / n_kv_heads source heads its query heads read, W_k,i = (1/r) sum_{m<r}
+    W_k,(i*r + m), the same for W_v (pooling before RoPE = pooling the rotated keys: RoPE is
+    linear). q_proj, o_proj are copied. Exact when each group's heads are identical.
     """
     if not isinstance(attn, (GroupedQueryAttention, PlainMultiHeadAttention)):
-        raise TypeError(
-            f"attn must be a GroupedQueryAttention or PlainMultiHeadAttention, got "
-            f"{type(attn).__name__}"
-        )
+        raise TypeError(f"attn must be an attention layer of this file, not {type(attn).__name__}")
     _check_sizes(n_kv_heads=n_kv_heads)
     src_kv = attn.n_kv_heads
     if n_kv_heads > src_kv or src_kv % n_kv_heads:
@@ -1142,7 +1130,7 @@ def analyze_conversion(d_model: int, n_heads: int, noise: float, device) -> dict
     return {"d_model": d_model, "n_heads": n_heads, "similar_noise": noise, "rows": rows}
 
 
-def versus(a: str, speedups: list[float], b: str, verb: str = "was ") -> str:
+def speedup_phrase(a: str, speedups: list[float], b: str, verb: str = "was ") -> str:
     """'a was 1.62x faster than b', '... slower ...', or 'not measurably faster' when the
     per-round speed-ups (b's time / a's time) straddle 1."""
     lo, mid, hi = min(speedups), statistics.median(speedups), max(speedups)
@@ -1203,8 +1191,8 @@ def weigh_claims(corr: dict, mem: dict, dec: dict, conv: dict) -> dict:
         k = dec["configs"][name]["n_kv_heads"]
         step = f"the copy-free decode step of {name} ({k} KV head{'s' if k > 1 else ''})"
         claims[f"{name.lower()}_decode"] = claim(
-            f"At {t} cached tokens {versus(step, r, mhas)} (median of {n} rounds; per round "
-            f"{min(r):.2f}-{max(r):.2f}x); its cache is {mha['n_kv_heads'] // k}x smaller",
+            f"At {t} cached tokens {speedup_phrase(step, r, mhas)} (median of {n} rounds; per "
+            f"round {min(r):.2f}-{max(r):.2f}x); its cache is {mha['n_kv_heads'] // k}x smaller",
             min(r) > 1,
             speedup=statistics.median(r),
             speedup_min=min(r),
@@ -1212,7 +1200,7 @@ def weigh_claims(corr: dict, mem: dict, dec: dict, conv: dict) -> dict:
         )
     r = round_ratios(gqa["step_ms_rounds"]["repeat_kv"][-1], gqa["step_ms_rounds"]["grouped"][-1])
     claims["copy_free_vs_repeat_kv"] = claim(
-        f"At {t} tokens {versus('the copy-free GQA decode step', r, 'the repeat_kv one')} "
+        f"At {t} tokens {speedup_phrase('the copy-free GQA decode step', r, 'the repeat_kv one')} "
         f"(median of {n} rounds; per round "
         f"{min(r):.2f}-{max(r):.2f}x)",
         min(r) > 1,
@@ -1263,17 +1251,17 @@ def tokens_label(n_tokens: int) -> str:
     return f"{n_tokens:,}"
 
 
-def decode_time_title(context: int, speedups: dict[str, list[float]]) -> str:
+def gqa_decode_time_title(context: int, speedups: dict[str, list[float]]) -> str:
     """From the per-round speed-ups vs MHA of each config at the longest context."""
-    parts = [versus(name, r, "MHA", "") for name, r in speedups.items()]
+    parts = [speedup_phrase(name, r, "MHA", "") for name, r in speedups.items()]
     return f"Copy-free decode step at {tokens_label(context)} tokens: " + ", ".join(parts)
 
 
-def sharing_methods_titles(
+def gqa_sharing_methods_titles(
     context: int, core_speedups: list[float], peak_grouped: int, peak_repeat: int
 ) -> tuple[str, str]:
     """(time panel, memory panel) titles for GQA at the longest context."""
-    time_title = f"GQA attention core at {tokens_label(context)} tokens:\n" + versus(
+    time_title = f"GQA attention core at {tokens_label(context)} tokens:\n" + speedup_phrase(
         "copy-free", core_speedups, "repeat_kv", ""
     )
     if peak_repeat > peak_grouped > 0:
@@ -1285,7 +1273,7 @@ def sharing_methods_titles(
     return time_title, memory_title + "\nin one GQA step (log scale)"
 
 
-def cache_vs_context_title(cvc: dict) -> str:
+def gqa_cache_vs_context_title(cvc: dict) -> str:
     t, at = cvc["context_lengths"][-1], {k: b[-1] / 2**30 for k, b in cvc["bytes"].items()}
     sizes = ", ".join(
         f"{kind}{'-' + str(n) if kind == 'GQA' else ''} {at[kind]:.3g} GiB"
@@ -1294,7 +1282,7 @@ def cache_vs_context_title(cvc: dict) -> str:
     return f"Llama-2-70B's shape, KV cache at {tokens_label(t)} tokens (bf16): {sizes}"
 
 
-def conversion_title(conv: dict) -> str:
+def gqa_conversion_title(conv: dict) -> str:
     pooled = [r for r in conv["rows"] if r["group_size"] > 1]
     exact = max(r["relative_err_identical"] for r in pooled) <= 1e-6
     helps = all(r["relative_err_similar"] < r["relative_err_random"] for r in pooled)
@@ -1340,7 +1328,7 @@ def plot_cache_vs_context(cvc: dict) -> plt.Figure:
     ax.minorticks_off()
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("KV cache (GiB, bf16, batch 1)")
-    ax.set_title(cache_vs_context_title(cvc), fontsize=10)
+    ax.set_title(gqa_cache_vs_context_title(cvc), fontsize=10)
     fig.legend(loc="outside lower center", ncol=2, fontsize=9)
     return fig
 
@@ -1371,7 +1359,7 @@ def plot_decode_time(decode: dict) -> plt.Figure:
     speedups = {
         n: decode["configs"][n]["speedup_vs_mha_rounds"]["grouped"][-1] for n in ("GQA", "MQA")
     }
-    ax.set_title(decode_time_title(t[-1], speedups), fontsize=10)
+    ax.set_title(gqa_decode_time_title(t[-1], speedups), fontsize=10)
     fig.legend(
         loc="outside lower center",
         ncol=3,
@@ -1409,7 +1397,7 @@ def plot_sharing_methods(decode: dict) -> plt.Figure:
         gqa["core_ms_rounds_at_longest"]["repeat_kv"], gqa["core_ms_rounds_at_longest"]["grouped"]
     )
     mem = gqa["memory_at_longest"]
-    time_title, memory_title = sharing_methods_titles(
+    time_title, memory_title = gqa_sharing_methods_titles(
         decode["context_lengths"][-1],
         core,
         mem["grouped"]["peak_bytes"],
@@ -1451,7 +1439,7 @@ def plot_conversion_error(conv: dict) -> plt.Figure:
     ax.minorticks_off()
     ax.set_xlabel(f"group size = n_heads / n_kv_heads (n_heads = {conv['n_heads']})")
     ax.set_ylabel("relative output error ||y_gqa - y_mha|| / ||y_mha||")
-    ax.set_title(conversion_title(conv), fontsize=10)
+    ax.set_title(gqa_conversion_title(conv), fontsize=10)
     fig.legend(loc="outside lower center", ncol=2, fontsize=8)
     return fig
 
@@ -1543,7 +1531,7 @@ def print_cache_vs_context(cvc: dict) -> None:
     print(f"  one 80 GB GPU holds {cvc['gpu_bytes'] / 2**30:.1f} GiB")
 
 
-def _spread(r: list[float]) -> str:
+def _round_spread(r: list[float]) -> str:
     return f"{100 * (max(r) - min(r)) / statistics.median(r):.0f}%"
 
 
@@ -1564,7 +1552,7 @@ def print_decode(dec: dict) -> None:
     for name, cfg in dec["configs"].items():
         for m in SHARING_METHODS:
             cols = " ".join(
-                f"{ms:>8.2f} ms ({_spread(r):>4})"
+                f"{ms:>8.2f} ms ({_round_spread(r):>4})"
                 for ms, r in zip(cfg["step_ms"][m], cfg["step_ms_rounds"][m], strict=True)
             )
             print(f"  {name + ' kv=' + str(cfg['n_kv_heads']):<16} {m:<10} {cols}")
@@ -1578,7 +1566,7 @@ def print_decode(dec: dict) -> None:
             mm, r = cfg["memory_at_longest"][m], cfg["core_ms_rounds_at_longest"][m]
             print(
                 f"  {'':<30}{name:<6} {m:<10} {cfg['core_ms_at_longest'][m]:>8.2f} ms "
-                f"({_spread(r):>4}) {mib(mm['peak_bytes']):>11} "
+                f"({_round_spread(r):>4}) {mib(mm['peak_bytes']):>11} "
                 f"{mib(mm['largest_allocation_bytes']):>11} ({mm['largest_allocation_op']})"
             )
         print(

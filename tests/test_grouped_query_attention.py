@@ -423,17 +423,17 @@ def test_round_ratios_compare_times_taken_in_the_same_round():
     ],
 )
 def test_versus_follows_the_rounds(speedups, words):
-    assert gqa.versus("A", speedups, "B") == words
+    assert gqa.speedup_phrase("A", speedups, "B") == words
 
 
 def test_titles_follow_the_numbers():
-    fast = gqa.decode_time_title(4096, {"GQA": [1.5, 1.6], "MQA": [1.8, 2.0]})
+    fast = gqa.gqa_decode_time_title(4096, {"GQA": [1.5, 1.6], "MQA": [1.8, 2.0]})
     assert "GQA 1.55x faster than MHA" in fast and "4K" in fast
-    contrary = gqa.decode_time_title(4096, {"GQA": [0.5, 0.5], "MQA": [0.9, 1.2]})
+    contrary = gqa.gqa_decode_time_title(4096, {"GQA": [0.5, 0.5], "MQA": [0.9, 1.2]})
     assert "GQA 2.00x slower than MHA" in contrary and "MQA not measurably faster" in contrary
-    time_title, memory_title = gqa.sharing_methods_titles(2048, [0.8, 1.3], 100, 100)
+    time_title, memory_title = gqa.gqa_sharing_methods_titles(2048, [0.8, 1.3], 100, 100)
     assert "not measurably faster" in time_title and "x the copy-free" not in memory_title
-    assert "allocates 8x" in gqa.sharing_methods_titles(2048, [2.0, 3.0], 2**20, 8 * 2**20)[1]
+    assert "allocates 8x" in gqa.gqa_sharing_methods_titles(2048, [2.0, 3.0], 2**20, 8 * 2**20)[1]
 
 
 def conv_rows(identical: float, similar: float, random: float) -> dict:
@@ -455,8 +455,8 @@ def conv_rows(identical: float, similar: float, random: float) -> dict:
 
 
 def test_conversion_title_follows_the_errors():
-    assert "exact for identical heads" in gqa.conversion_title(conv_rows(1e-7, 0.1, 0.9))
-    contrary = gqa.conversion_title(conv_rows(0.2, 0.9, 0.1))
+    assert "exact for identical heads" in gqa.gqa_conversion_title(conv_rows(1e-7, 0.1, 0.9))
+    contrary = gqa.gqa_conversion_title(conv_rows(0.2, 0.9, 0.1))
     assert "not exact" in contrary and "not always better" in contrary
 
 
