@@ -102,18 +102,22 @@ References
 
 Contents
 --------
-2. Core: validation helpers (``_check_sizes`` .. ``_check_input``); half-split RoPE
+2. Core: the shared validation helpers (``_check_sizes``, ``_check_start_pos``,
+   ``_check_positive``, ``_check_float_tensor``); half-split RoPE
    (``rope_inv_freq``, ``rope_cos_sin``, ``rotate_half``, ``apply_rope``); ``causal_mask``;
    ``repeat_kv`` and the three sharing methods (``_attention_repeat_kv``, ``_attention_grouped``,
    ``_attention_sdpa``, ``SHARING_METHODS``, ``attend``); ``GroupedQueryAttention``; the cache
    (``_check_cache_write``, ``_check_cache_tensor``, ``KVCache``); ``mha_to_gqa``.
-3. Baselines and apparatus: ``PlainMultiHeadAttention`` (the MHA baseline),
-   ``mha_with_similar_heads``, ``kv_cache_bytes``, ``LLAMA2_70B_SHAPE``, ``AllocationTracker``,
-   ``MatmulFlopCounter``, ``measure_allocations``, ``divisors_descending``, ``round_ratios``.
+3. Baselines and apparatus: the checks behind the core's doors (``_check_sharing``,
+   ``_check_layer``, ``_check_input``, ``_check_new_cache``, ``_check_qkv``);
+   ``PlainMultiHeadAttention`` (the MHA baseline), ``mha_with_similar_heads``,
+   ``kv_cache_bytes``, ``LLAMA2_70B_SHAPE``, ``divisors_descending``, ``round_ratios``,
+   ``AllocationTracker``, ``MatmulFlopCounter``, ``measure_allocations``.
 4. Experiments: ``check_correctness``, ``analyze_cache_memory``, ``cache_vs_context``,
-   ``benchmark_decode``, ``analyze_conversion``, ``speedup_phrase``, ``claim``, ``weigh_claims``,
-   ``print_claims``.
-5. Figures: ``tokens_label``, the title functions, ``plot_head_sharing``,
+   ``benchmark_decode``, ``step_vs_cache_note``, ``analyze_conversion``, ``speedup_phrase``,
+   ``claim``, ``print_claims``, ``weigh_claims``.
+5. Figures: ``tokens_label``, the titles computed from the numbers (``gqa_*_title*``),
+   ``plot_head_sharing``,
    ``plot_cache_vs_context``, ``plot_decode_time``, ``plot_sharing_methods``,
    ``plot_conversion_error``.
 6. Main: ``parse_args``, ``SIZES``, the ``print_<stage>`` helpers, ``main``.
@@ -1171,9 +1175,10 @@ def weigh_claims(corr: dict, mem: dict, dec: dict, conv: dict) -> dict:
     rows = mem["rows"]
     claims["cache_bytes"] = claim(
         f"The cache bytes measured from the tensors "
-        f"{'equal' if mem['measured_equals_formula'] else 'differ from'} formula (4) for every "
-        f"n_kv_heads: {mib(rows[0]['measured_bytes'])} for MHA, {mib(rows[-1]['measured_bytes'])} "
-        f"for MQA ({rows[-1]['mha_bytes_over_this']:.0f}x smaller)",
+        f"{'equal' if mem['measured_equals_formula'] else 'differ from'} the formula "
+        f"2 * n_layers * batch * n_kv_heads * seq_len * head_dim * bytes for every n_kv_heads: "
+        f"{mib(rows[0]['measured_bytes'])} for MHA, {mib(rows[-1]['measured_bytes'])} for MQA "
+        f"({rows[-1]['mha_bytes_over_this']:.0f}x smaller)",
         mem["measured_equals_formula"],
         mha_bytes=rows[0]["measured_bytes"],
         mqa_bytes=rows[-1]["measured_bytes"],
