@@ -519,6 +519,7 @@ def mha_to_gqa(attn: nn.Module, n_kv_heads: int) -> GroupedQueryAttention:
 
 
 def _check_sharing(sharing: str) -> None:
+    """One of the three sharing methods, by name."""
     if not isinstance(sharing, str):
         raise TypeError(f"sharing ({sharing!r}) must be a str")
     if sharing not in SHARING_METHODS:
@@ -563,11 +564,14 @@ def _check_input(layer: nn.Module, x: torch.Tensor, start_pos: int, cache) -> No
             f"start_pos + seq_len ({start_pos} + {x.shape[1]}) must be <= "
             f"max_seq_len ({layer.max_seq_len})"
         )
-    if cache is not None and not isinstance(cache, KVCache):
+    if cache is None:
+        return
+    if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
-    have = cache and (cache.batch_size, cache.n_kv_heads, cache.head_dim, cache.k_cache.dtype)
-    if cache is not None and have != (len(x), layer.n_kv_heads, layer.head_dim, x.dtype):
-        raise ValueError(f"cache (batch, n_kv_heads, head_dim, dtype) {have} must fit x and layer")
+    have = (cache.batch_size, cache.n_kv_heads, cache.head_dim, cache.k_cache.dtype)
+    want = (len(x), layer.n_kv_heads, layer.head_dim, x.dtype)
+    if have != want:
+        raise ValueError(f"cache (batch, n_kv_heads, head_dim, dtype) {have} must be {want}")
 
 
 def _check_new_cache(layer: nn.Module, max_seq_len, dtype) -> int:
@@ -578,8 +582,10 @@ def _check_new_cache(layer: nn.Module, max_seq_len, dtype) -> int:
         raise ValueError(
             f"max_seq_len ({max_seq_len}) must be <= the layer's ({layer.max_seq_len})"
         )
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype ({dtype!r}) must be a floating-point torch.dtype")
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype ({dtype!r}) must be a torch.dtype")
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"dtype ({dtype}) must be a floating-point dtype")
     return max_seq_len
 
 
