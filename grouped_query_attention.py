@@ -358,11 +358,8 @@ class GroupedQueryAttention(nn.Module):
         self, x: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None
     ) -> torch.Tensor:
         """x (batch, seq_len, d_model) at positions start_pos.. -> (batch, seq_len, d_model).
-
-        With a cache, the new keys/values are written at start_pos and the queries attend to the
-        whole prefix; the causal mask is offset so query i (position start_pos + i) sees keys
-        0..start_pos + i. A single-token step needs no mask (it may see every cached key).
-        """
+        With a cache, k and v are written at start_pos and query i (position start_pos + i) sees
+        keys 0..start_pos + i through an offset causal mask (one new token needs no mask)."""
         _check_input(self, x, start_pos, cache)
         b, s, _ = x.shape
         d = self.head_dim
@@ -404,7 +401,9 @@ def _check_cache_tensor(name: str, t: torch.Tensor, like: torch.Tensor, shape: t
     """``t`` must match the cache buffer ``like`` in dtype and device and have ``shape``
     (``None`` in ``shape`` is the number of new tokens, free)."""
     _check_float_tensor(name, t)
-    if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+    if t.dim() != len(shape) or any(
+        s is not None and s != d for s, d in zip(shape, t.shape, strict=True)
+    ):
         wanted = ", ".join("n" if s is None else str(s) for s in shape)
         raise ValueError(f"{name} (shape {tuple(t.shape)}) must have shape ({wanted})")
     if t.dtype != like.dtype or t.device != like.device:
