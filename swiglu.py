@@ -1174,10 +1174,14 @@ def dead_units_claim(dead: dict[str, float], steps: int) -> dict:
     worst = max(others, key=others.get)
     held = dead["relu"] > others[worst]
     if held:
+        rest = (
+            f"at most {100 * others[worst]:.1f}% of any other FFN's"
+            if others[worst] > 0
+            else "none of any other FFN's"
+        )
         statement = (
             f"After {steps} Adam steps {100 * dead['relu']:.1f}% of the ReLU FFN's hidden units "
-            f"are dead (zero gradient from every input), at most {100 * others[worst]:.1f}% of "
-            "any other FFN's"
+            f"are dead (zero gradient from every input), {rest}"
         )
     else:
         statement = (
@@ -1217,6 +1221,7 @@ def swiglu_claims(results: dict) -> dict:
         for r in rows.values()
     )
     published = ", ".join(sorted({str(r["published_hidden_dim"]) for r in sizes.values()}))
+    equal = "exactly" if deviation == 0 else f"within {100 * deviation:.2f}% of"
     sw = rows.get("swiglu", rows[list(rows)[-1]])
     return {
         "llama_sizes": claim(
@@ -1227,9 +1232,9 @@ def swiglu_claims(results: dict) -> dict:
             n=len(sizes),
         ),
         "equal_params_and_flops": claim(
-            f"At 8/3 d every gated FFN has the parameters of the 4 d ReLU FFN within "
-            f"{100 * deviation:.2f}% and equal matmul FLOPs; the module counts "
-            f"{'equal' if counted else 'differ from'} the formulas",
+            f"At 8/3 d every gated FFN has {equal} the parameters and matmul FLOPs of the 4 d "
+            f"ReLU FFN; the counts from the modules {'equal' if counted else 'differ from'} the "
+            "formulas",
             counted and deviation == 0,
             max_params_ratio_deviation=deviation,
             counts_equal_formulas=counted,
@@ -1365,9 +1370,10 @@ def ffn_speed_title(table: dict) -> str:
             f"but {', '.join(apart)} did not stay within {SPEED_TOLERANCE}x of its speed in all "
             f"{rounds} rounds (noise or a real cost)"
         )
+    equal = "exactly" if deviation == 0 else f"within {100 * deviation:.2f}%"
     return (
-        f"At 8/3 d (gated) and 4 d (ungated) every FFN has the ReLU FFN's parameters and matmul "
-        f"FLOPs (within {100 * deviation:.2f}%),\n{speed}"
+        f"Gated FFNs at 8/3 d and ungated at 4 d have the ReLU FFN's parameters and matmul FLOPs "
+        f"({equal}),\n{speed}"
     )
 
 
@@ -1400,6 +1406,7 @@ def plot_ffn_speed(table: dict) -> plt.Figure:
             label=f"{label}: median, min-max over rounds",
         )
     ax.set_ylim(min(0.7, min(lows) - 0.05), max(1.3, max(lows) + 0.05))
+    ax.set_xlim(-0.5, len(names) - 0.5)
     ax.set_xticks(x, [f"{FFN_LABELS[n]}\nh={rows[n]['hidden_dim']}" for n in names], fontsize=9)
     ax.set_ylabel("speed vs ReLU FFN (x; > 1 is faster)")
     ax.set_title(
@@ -1408,7 +1415,7 @@ def plot_ffn_speed(table: dict) -> plt.Figure:
         f"{table['rounds']} interleaved rounds)",
         fontsize=10,
     )
-    fig.legend(loc="outside right upper", fontsize=9)
+    fig.legend(loc="outside lower center", ncol=3, fontsize=9)
     return fig
 
 
@@ -1422,8 +1429,8 @@ def grad_norms_titles(flow: dict) -> tuple[str, str]:
         top = f"at init the per-layer gradient norms differ by up to {spread:.2f}x"
     small = flow["smallest_after_training"]
     right = (
-        f"After {flow['steps']} Adam steps: smallest in {small['layers']} of {small['n_layers']} "
-        f"layers: {small['label']}\n(smaller = less gradient left to move the weights: a lower "
+        f"After {flow['steps']} Adam steps the {small['label']}'s is the smallest in "
+        f"{small['layers']} of {small['n_layers']} layers\n(smaller = less gradient left: a lower "
         "loss, or units that pass none)"
     )
     return f"{flow['n_layers']}-layer pre-norm residual stack: {top}", right
@@ -1438,11 +1445,11 @@ def plot_grad_norms(flow: dict) -> plt.Figure:
             norms = res[f"grad_norm_{stage}"]
             ax.semilogy(range(1, len(norms) + 1), norms, marker=".", **_ffn_style(variant))
         ax.set_xlabel("layer (1 = next to the input)")
-    axes[0].set_title("At initialisation (every layer gets a gradient of the same size)")
+    axes[0].set_title("At initialisation")
     axes[1].set_title(right, fontsize=10)
     axes[0].set_ylabel("||dL/d(FFN params)||$_2$ (log scale)")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right upper", fontsize=9)
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=9)
     fig.suptitle(top)
     return fig
 
@@ -1475,7 +1482,7 @@ def plot_dead_units(flow: dict) -> plt.Figure:
         ax.set_xticks(x, [FFN_LABELS[v] for v in variants], rotation=30, fontsize=9)
         ax.set_ylabel("share of all (%)")
         ax.set_title(f"{title}\n(no bar: exactly 0%)", fontsize=10)
-    fig.legend(loc="outside right upper", fontsize=9)
+    fig.legend(loc="outside lower center", ncol=2, fontsize=9)
     fig.suptitle(dead_units_title(flow), fontsize=11)
     return fig
 
@@ -1498,7 +1505,7 @@ def plot_training_curves(train: dict) -> plt.Figure:
     axes[0].set_xlabel("training step")
     axes[0].set_ylabel("expected loss - entropy floor (nats, log scale)")
     axes[0].set_title(f"Loss curves, mean $\\pm$ std over {len(train['seeds'])} seeds")
-    axes[0].legend(fontsize=8, ncol=3)
+    axes[0].legend(fontsize=8, ncol=3, loc="lower left")  # the curves start top left
     names = train["ranking"]
     for i, variant in enumerate(names):
         res = train["variants"][variant]
