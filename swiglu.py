@@ -464,7 +464,7 @@ class ResidualFFNStack(nn.Module):
 
     def forward(self, x: torch.Tensor, record: bool = False) -> torch.Tensor:
         """x: token ids (batch, context_len), integers in [0, vocab_size)."""
-        _check_token_ids(x, self.vocab_size, self.context_len)
+        _check_context_ids(x, self.vocab_size, self.context_len)
         _check_bools(record=record)
         offsets = torch.arange(self.context_len, device=x.device) * self.vocab_size
         h = self.embed(x + offsets).sum(dim=1)  # (batch, context_len, d) -> (batch, d)
@@ -477,7 +477,7 @@ class ResidualFFNStack(nn.Module):
         return self.head(self.final_norm(h))
 
 
-def _check_token_ids(x: torch.Tensor, vocab_size: int, context_len: int) -> None:
+def _check_context_ids(x: torch.Tensor, vocab_size: int, context_len: int) -> None:
     """Token ids: an integer tensor (batch, context_len) with every id in [0, vocab_size)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x (token ids) must be a torch.Tensor, got {type(x).__name__}")
@@ -1123,7 +1123,7 @@ def training_comparison(
 SPEED_TOLERANCE = 1.2  # "about the same cost": speeds within 1.2x of each other either way
 
 
-def speed_phrase(speed: float) -> str:
+def ffn_speed_phrase(speed: float) -> str:
     """'1.06x faster than' / '1.03x slower than' / 'as fast as' (speed = base time / time)."""
     if round(speed, 2) == 1.0:
         return "as fast as"
@@ -1133,8 +1133,8 @@ def speed_phrase(speed: float) -> str:
 def speed_claim(speed: float, lo: float, hi: float, rounds: int) -> dict:
     """Equal FLOPs should mean about equal time; say what the rounds showed."""
     measured = (
-        f"At equal parameters and FLOPs, a SwiGLU forward+backward ran {speed_phrase(speed)} the "
-        f"ReLU FFN's (median of {rounds} rounds; speed {lo:.2f}x-{hi:.2f}x across them)"
+        f"At equal parameters and FLOPs, a SwiGLU forward+backward ran {ffn_speed_phrase(speed)} "
+        f"the ReLU FFN's (median of {rounds} rounds; speed {lo:.2f}x-{hi:.2f}x across them)"
     )
     if 1 / SPEED_TOLERANCE <= lo and hi <= SPEED_TOLERANCE:
         verdict, held = f": the same cost within {SPEED_TOLERANCE}x, as equal FLOPs predict", True
