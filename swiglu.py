@@ -278,11 +278,16 @@ def llama_hidden_dim(
     hidden = int(2 * (4 * d_model) / 3)  # (7) the parameter-matching 2/3 of the classic 4 d
     if ffn_dim_multiplier is not None:
         hidden = int(ffn_dim_multiplier * hidden)  # Llama 3 / Llama-2-70B widen it by 1.3
-    return multiple_of * -(-max(hidden, 1) // multiple_of)  # ceil(hidden / multiple_of) * it
+    if hidden < 1:
+        raise ValueError(
+            f"ffn_dim_multiplier ({ffn_dim_multiplier}) leaves no hidden unit for d_model "
+            f"({d_model}): int(ffn_dim_multiplier * int(8/3 d)) must be >= 1"
+        )
+    return multiple_of * -(-hidden // multiple_of)  # ceil(hidden / multiple_of) * multiple_of
 
 
 class SwiGLUFeedForward(nn.Module):
-    """Llama's FFN: down_proj(silu(gate_proj(x)) * up_proj(x)), the same as HF ``LlamaMLP``.
+    """Llama's FFN: down_proj(silu(gate_proj(x)) * up_proj(x)), tested against HF ``LlamaMLP``.
 
     hidden_dim=None sizes it by Llama's rule (``llama_hidden_dim``); an explicit hidden_dim is
     used as is (it is HF's ``intermediate_size``). The state_dict keys are HF's:
@@ -380,9 +385,9 @@ class GatedFeedForward(nn.Module):
 
 
 def _matched_hidden(d_model: int, variant: str, ungated_factor: int = 4) -> int:
-    """(7) without the checks: ungated_factor * d ungated, round(2/3 of it) gated (>= 1)."""
+    """(7) without the checks: ungated_factor * d ungated, round(2/3 of it) gated."""
     hidden = ungated_factor * d_model
-    return hidden if variant in UNGATED else max(1, round(2 * hidden / 3))
+    return hidden if variant in UNGATED else round(2 * hidden / 3)
 
 
 def matched_hidden_dim(d_model: int, variant: str, ungated_factor: int = 4) -> int:
@@ -465,6 +470,10 @@ class ResidualFFNStack(nn.Module):
     def forward(self, x: torch.Tensor, record: bool = False) -> torch.Tensor:
         """x: token ids (batch, context_len), integers in [0, vocab_size)."""
         _check_context_ids(x, self.vocab_size, self.context_len)
+        if x.device != self.head.weight.device:
+            raise ValueError(
+                f"x (on {x.device}) must be on the model's device, {self.head.weight.device}"
+            )
         _check_bools(record=record)
         offsets = torch.arange(self.context_len, device=x.device) * self.vocab_size
         h = self.embed(x + offsets).sum(dim=1)  # (batch, context_len, d) -> (batch, d)

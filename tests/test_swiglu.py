@@ -445,6 +445,7 @@ def test_types_other_arguments_of_the_wrong_type_are_refused(name, call):
         ("ffn_dim_multiplier", lambda: llama_hidden_dim(4096, 256, 0.0)),
         ("ffn_dim_multiplier", lambda: SwiGLUFeedForward(64, ffn_dim_multiplier=-1.3)),
         ("ffn_dim_multiplier", lambda: llama_hidden_dim(4096, 256, math.inf)),
+        ("ffn_dim_multiplier", lambda: llama_hidden_dim(2, 8, 0.1)),  # int(0.1 * 5) = 0 units
         ("temperature", lambda: PairTask(8, 2, math.nan)),
         ("seed", lambda: PairTask(8, 2, 2.0, -1)),
         ("seeds", lambda: swiglu.training_comparison(6, 1, 4, 2, 1e-2, 8, [0, -1], 1, "cpu")),
@@ -515,6 +516,7 @@ def test_dtypes_integer_activations_and_float_ids_are_refused(name, call):
         ("vocab_size", lambda: PairTask(10**6, 2)),
         ("x", lambda: ResidualFFNStack("relu", 8, 2, 12, 1)(torch.full((3, 2), 8))),
         ("x", lambda: ResidualFFNStack("relu", 8, 2, 12, 1)(torch.full((3, 2), -1))),
+        ("x", lambda: ResidualFFNStack("relu", 8, 2, 12, 1).to("meta")(torch.zeros(3, 2).long())),
         ("variants", lambda: swiglu.param_matched_table(6, 4, "cpu", 0.001, 1, ("swiglu",))),
         ("variants", lambda: swiglu.param_matched_table(6, 4, "cpu", 0.001, 1, ("relu", "relu"))),
     ],
