@@ -335,31 +335,6 @@ def test_short_training_lowers_the_loss_and_statistics_are_consistent():
     assert res["eval_steps"] == [0, 10, 20]
 
 
-def test_adam_equals_torch_adam():
-    """The written-out Adam (used so --quick need not import torch._dynamo) is torch's Adam."""
-    g = torch.Generator().manual_seed(0)
-    ours, ref = (ResidualFFNStack("swiglu", 6, 2, 12, 2) for _ in range(2))
-    ref.load_state_dict(ours.state_dict())
-    opt_ours = swiglu.Adam(ours.parameters(), lr=1e-2)
-    opt_ref = torch.optim.Adam(ref.parameters(), lr=1e-2)
-    task = PairTask(6, seed=0)
-    for step in range(5):
-        ctx, y = task.sample(32, g)
-        for model, opt in ((ours, opt_ours), (ref, opt_ref)):
-            lr = swiglu.cosine_lr(step, 5, 1e-2)
-            if opt is opt_ours:
-                opt.lr = lr
-            else:
-                opt.param_groups[0]["lr"] = lr
-            model.zero_grad(set_to_none=True)
-            F.cross_entropy(model(ctx), y).backward()
-            opt.step()
-    for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
-    assert swiglu.cosine_lr(0, 10, 1.0) == 1.0 and swiglu.cosine_lr(5, 10, 1.0) == 0.5
-    assert swiglu.cosine_lr(10, 10, 1.0) == pytest.approx(0.0, abs=1e-15)
-
-
 def test_every_seed_criterion_and_its_chance_level():
     """Complete separation of n vs n seeds happens by chance with probability 1 / C(2n, n):
     count it over all orderings of 2n exchangeable losses."""
@@ -378,79 +353,308 @@ def test_every_seed_criterion_and_its_chance_level():
         assert res["variants"][variant]["final_loss_std"] == pytest.approx(finals.std(ddof=1))
 
 
-# --- bad input -------------------------------------------------------------------------------
+# --- bad input: one test per rule family, each naming the argument ----------------------------
+
+_SIZE_BUILDERS = {  # every public entry point that takes a size, with the size as `v`
+    "d_model": [
+        lambda v: FeedForward(v, 32),
+        lambda v: GatedFeedForward(v, 32),
+        lambda v: SwiGLUFeedForward(v),
+        lambda v: SwiGLUFeedForward(v, hidden_dim=16),
+        lambda v: llama_hidden_dim(v),
+        lambda v: matched_hidden_dim(v, "relu"),
+        lambda v: make_ffn("swiglu", v),
+        lambda v: ffn_param_count(v, 8, True),
+        lambda v: ResidualFFNStack("relu", 8, 2, v, 1),
+    ],
+    "hidden_dim": [
+        lambda v: FeedForward(8, v),
+        lambda v: GatedFeedForward(8, v),
+        lambda v: SwiGLUFeedForward(8, hidden_dim=v),
+        lambda v: ffn_matmul_flops_per_token(8, v, False),
+    ],
+    "multiple_of": [lambda v: llama_hidden_dim(64, v), lambda v: SwiGLUFeedForward(64, None, v)],
+    "ungated_factor": [lambda v: matched_hidden_dim(8, "swiglu", v)],
+    "vocab_size": [lambda v: PairTask(v), lambda v: ResidualFFNStack("relu", v, 2, 12, 1)],
+    "context_len": [lambda v: PairTask(8, v), lambda v: ResidualFFNStack("relu", 8, v, 12, 1)],
+    "n_tokens": [lambda v: swiglu.check_gated_variants(8, 8, v)],
+    "rounds": [lambda v: swiglu.param_matched_table(6, 4, "cpu", 0.001, v, ("relu",))],
+    "eval_every": [lambda v: swiglu.training_comparison(6, 1, 4, 2, 1e-2, 8, [0], v, "cpu")],
+}
+_SIZE_CASES = [(name, build) for name, builds in _SIZE_BUILDERS.items() for build in builds]
+_NOT_INTS = [2.0, True, "8", None]
 
 
-def test_unknown_activation_lists_the_valid_ones():
-    with pytest.raises(ValueError, match=r"activation \('tanh'\) must be one of 'relu', 'gelu'"):
-        FeedForward(8, 32, "tanh")
+_TYPE_CASES = [
+    (name, build, bad)
+    for name, build in _SIZE_CASES
+    for bad in _NOT_INTS
+    if not (bad is None and build is _SIZE_BUILDERS["hidden_dim"][2])  # None: Llama's rule
+]
 
 
-def test_unknown_gated_variant_lists_the_valid_ones():
-    with pytest.raises(ValueError, match=r"variant \('swish'\) must be one of 'glu', 'bilinear'"):
-        GatedFeedForward(8, 32, "swish")
+@pytest.mark.parametrize(("name", "build", "bad"), _TYPE_CASES)
+def test_types_a_size_that_is_not_an_int_is_refused(name, build, bad):
+    with pytest.raises(TypeError, match=rf"{name} \({bad!r}\) must be an int"):
+        build(bad)
 
 
-# Each public constructor checks its own sizes (0 is the boundary; negatives below).
 @pytest.mark.parametrize(
-    "build",
+    ("name", "call"),
     [
-        lambda d: FeedForward(d, 32),
-        lambda d: GatedFeedForward(d, 32),
-        lambda d: SwiGLUFeedForward(d),
-        lambda d: llama_hidden_dim(d),
+        ("activation", lambda: FeedForward(8, 32, 3)),
+        ("variant", lambda: GatedFeedForward(8, 32, ["swiglu"])),
+        ("bias", lambda: FeedForward(8, 32, "relu", "yes")),
+        ("bias", lambda: SwiGLUFeedForward(8, 16, bias=1)),
+        ("gated", lambda: ffn_param_count(8, 8, None)),
+        ("ffn_dim_multiplier", lambda: llama_hidden_dim(64, 8, "1.3")),
+        ("ffn_dim_multiplier", lambda: SwiGLUFeedForward(64, ffn_dim_multiplier=True)),
+        ("eps", lambda: swiglu.RMSNorm(8, "1e-6")),
+        ("temperature", lambda: PairTask(8, 2, None)),
+        ("seed", lambda: PairTask(8, 2, 2.0, 1.5)),
+        ("beta", lambda: swish(torch.randn(3), "1")),
+        ("x", lambda: swish([1.0, 2.0])),
+        ("x", lambda: SwiGLUFeedForward(8, 16)([[1.0] * 8])),
+        ("x", lambda: ResidualFFNStack("relu", 8, 2, 12, 1)([[0, 1]])),
+        ("generator", lambda: PairTask(8).sample(4, None)),
+        ("model", lambda: PairTask(8).expected_loss("x", "cpu")),
+        ("task", lambda: swiglu.gradient_flow("relu", "x", 6, 2, 1, 1e-2, 8, 0, "cpu")),
+        ("steps", lambda: swiglu.gradient_flow("relu", PairTask(4), 6, 2, 2.5, 1e-2, 8, 0, "cpu")),
+        ("seeds", lambda: swiglu.training_comparison(6, 1, 4, 2, 1e-2, 8, None, 1, "cpu")),
+        ("seeds", lambda: swiglu.training_comparison(6, 1, 4, 2, 1e-2, 8, [True], 1, "cpu")),
+        ("device", lambda: swiglu.param_matched_table(6, 4, 0, 0.001, 1, ("relu",))),
+        ("variants", lambda: swiglu.param_matched_table(6, 4, "cpu", 0.001, 1, "relu")),
     ],
 )
-def test_zero_d_model(build):
-    with pytest.raises(ValueError, match=r"d_model \(0\) must be >= 1"):
-        build(0)
+def test_types_other_arguments_of_the_wrong_type_are_refused(name, call):
+    with pytest.raises(TypeError, match=name):
+        call()
 
 
 @pytest.mark.parametrize(
-    "build",
+    ("name", "call"),
     [
-        lambda h: FeedForward(8, h),
-        lambda h: GatedFeedForward(8, h),
-        lambda h: SwiGLUFeedForward(8, hidden_dim=h),
+        *[(n, lambda b=b: b(0)) for n, b in _SIZE_CASES],
+        *[(n, lambda b=b: b(-3)) for n, b in _SIZE_CASES],
+        ("n_layers", lambda: ResidualFFNStack("relu", 8, 2, 12, -1)),  # 0 is the no-FFN baseline
+        ("n_layers", lambda: swiglu.gradient_flow("relu", PairTask(4), 6, 0, 1, 1e-2, 8, 0, "cpu")),
+        ("steps", lambda: swiglu.gradient_flow("relu", PairTask(4), 6, 2, -1, 1e-2, 8, 0, "cpu")),
+        ("batch_size", lambda: PairTask(8).sample(-1, torch.Generator())),
+        ("eps", lambda: swiglu.RMSNorm(8, 0.0)),  # would give NaN on a zero input
+        ("eps", lambda: swiglu.RMSNorm(8, -1e-6)),
+        ("ffn_dim_multiplier", lambda: llama_hidden_dim(4096, 256, 0.0)),
+        ("ffn_dim_multiplier", lambda: SwiGLUFeedForward(64, ffn_dim_multiplier=-1.3)),
+        ("ffn_dim_multiplier", lambda: llama_hidden_dim(4096, 256, math.inf)),
+        ("ffn_dim_multiplier", lambda: llama_hidden_dim(2, 8, 0.1)),  # int(0.1 * 5) = 0 units
+        ("temperature", lambda: PairTask(8, 2, math.nan)),
+        ("seed", lambda: PairTask(8, 2, 2.0, -1)),
+        ("seeds", lambda: swiglu.training_comparison(6, 1, 4, 2, 1e-2, 8, [0, -1], 1, "cpu")),
+        ("lr", lambda: swiglu.training_comparison(6, 1, 4, 2, 0.0, 8, [0], 1, "cpu")),
+        ("lr", lambda: swiglu.gradient_flow("relu", PairTask(4), 6, 2, 1, math.inf, 8, 0, "cpu")),
+        ("min_run_time", lambda: swiglu.param_matched_table(6, 4, "cpu", math.nan, 1, ("relu",))),
+        ("tol", lambda: swiglu.swish_minimum(0.0)),  # used to loop forever
+        ("beta", lambda: swish(torch.randn(3), math.nan)),
+        ("activation", lambda: FeedForward(8, 32, "tanh")),
+        ("variant", lambda: GatedFeedForward(8, 32, "swish")),
+        ("variant", lambda: matched_hidden_dim(8, "tanh")),
+        ("variant", lambda: swiglu.gated_formula("relu", *[torch.randn(2, 2)] * 4)),
+        ("device", lambda: swiglu.training_comparison(6, 1, 4, 2, 1e-2, 8, [0], 1, "tpu")),
     ],
 )
-def test_zero_hidden_dim(build):
-    with pytest.raises(ValueError, match=r"hidden_dim \(0\) must be >= 1"):
-        build(0)
+def test_ranges_out_of_range_values_are_refused(name, call):
+    with pytest.raises(ValueError, match=name):
+        call()
 
 
-def test_negative_sizes():
-    with pytest.raises(ValueError, match=r"d_model \(-4\) must be >= 1"):
-        GatedFeedForward(-4, 32)
-    with pytest.raises(ValueError, match=r"hidden_dim \(-1\) must be >= 1"):
-        FeedForward(8, -1)
-    with pytest.raises(ValueError, match=r"d_model \(8.0\) must be an integer >= 1"):
-        FeedForward(8.0, 32)  # a float size is refused too, not silently truncated
+@pytest.mark.parametrize(
+    ("name", "call"),
+    [
+        ("x", lambda: FeedForward(8, 16)(torch.randn(2, 3, 7))),
+        ("x", lambda: GatedFeedForward(8, 16)(torch.randn(2, 3, 9))),
+        ("x", lambda: SwiGLUFeedForward(8, 16)(torch.tensor(1.0))),
+        ("x", lambda: ResidualFFNStack("relu", 8, 2, 12, 1)(torch.zeros(3, 3, dtype=torch.long))),
+        ("x", lambda: ResidualFFNStack("relu", 8, 2, 12, 1)(torch.zeros(2, dtype=torch.long))),
+        (
+            "W",
+            lambda: swiglu.gated_formula(
+                "swiglu", torch.randn(2, 8), *[torch.randn(4, 7)] * 2, torch.randn(8, 4)
+            ),
+        ),  # fmt: skip
+        (
+            "V",
+            lambda: swiglu.gated_formula(
+                "swiglu", torch.randn(2, 8), torch.randn(4, 8), torch.randn(5, 8), torch.randn(8, 4)
+            ),
+        ),  # fmt: skip
+    ],
+)
+def test_lengths_shapes_that_do_not_fit_are_refused(name, call):
+    with pytest.raises(ValueError, match=name):
+        call()
 
 
-@pytest.mark.parametrize("bad", [0, -256])
-def test_non_positive_multiple_of(bad):
-    with pytest.raises(ValueError, match=rf"multiple_of \({bad}\) must be >= 1"):
-        llama_hidden_dim(4096, bad)
-    with pytest.raises(ValueError, match=rf"multiple_of \({bad}\) must be >= 1"):
-        SwiGLUFeedForward(64, multiple_of=bad)
+@pytest.mark.parametrize(
+    ("name", "call"),
+    [
+        ("x", lambda: SwiGLUFeedForward(8, 16)(torch.ones(2, 8, dtype=torch.long))),
+        ("x", lambda: FeedForward(8, 16)(torch.ones(2, 8, dtype=torch.int32))),
+        ("x", lambda: swiglu.relu(torch.tensor([1, -1]))),
+        ("x", lambda: swiglu.gelu(torch.tensor([1, -1]))),
+        ("x", lambda: ResidualFFNStack("relu", 8, 2, 12, 1)(torch.zeros(3, 2))),  # float ids
+    ],
+)
+def test_dtypes_integer_activations_and_float_ids_are_refused(name, call):
+    with pytest.raises(ValueError, match=name):
+        call()
 
 
-@pytest.mark.parametrize("bad", [0.0, -1.3])
-def test_non_positive_ffn_dim_multiplier(bad):
-    with pytest.raises(ValueError, match=rf"ffn_dim_multiplier \({bad}\) must be > 0"):
-        llama_hidden_dim(4096, 256, bad)
-    with pytest.raises(ValueError, match=rf"ffn_dim_multiplier \({bad}\) must be > 0"):
-        SwiGLUFeedForward(64, ffn_dim_multiplier=bad)
+@pytest.mark.parametrize(
+    ("name", "call"),
+    [
+        ("vocab_size", lambda: PairTask(2000, 3)),  # used to try to allocate 64 GB
+        ("context_len", lambda: PairTask(10, 10**9)),
+        ("vocab_size", lambda: PairTask(10**6, 2)),
+        ("x", lambda: ResidualFFNStack("relu", 8, 2, 12, 1)(torch.full((3, 2), 8))),
+        ("x", lambda: ResidualFFNStack("relu", 8, 2, 12, 1)(torch.full((3, 2), -1))),
+        ("x", lambda: ResidualFFNStack("relu", 8, 2, 12, 1).to("meta")(torch.zeros(3, 2).long())),
+        ("variants", lambda: swiglu.param_matched_table(6, 4, "cpu", 0.001, 1, ("swiglu",))),
+        ("variants", lambda: swiglu.param_matched_table(6, 4, "cpu", 0.001, 1, ("relu", "relu"))),
+    ],
+)
+def test_contracts_tables_ids_and_baselines_are_enforced(name, call):
+    with pytest.raises(ValueError, match=name):
+        call()
 
 
-@pytest.mark.parametrize("flag", ["--steps", "--seeds"])
-def test_non_positive_flag_raises_before_writing(flag, tmp_path, monkeypatch):
+def test_pair_task_limit_is_stated_and_the_largest_allowed_table_builds():
+    with pytest.raises(ValueError, match=f"limit {swiglu.MAX_TABLE_ENTRIES:,}"):
+        PairTask(2000, 3)
+    with pytest.raises(ValueError, match="vocab_size"):
+        PairTask(64, 3)  # 64**3 rows x (64 + 3) = 17.6 M entries: just over 2**24
+    task = PairTask(60, 3)  # 60**3 rows x 63 = 13.6 M entries: under the limit
+    assert task.contexts.shape == (60**3, 3)
+    assert task.contexts[-1].tolist() == [59, 59, 59]
+
+
+def test_empty_batches_give_empty_results():
+    task = PairTask(8)
+    ctx, y = task.sample(0, torch.Generator().manual_seed(0))
+    assert ctx.shape == (0, 2) and y.shape == (0,)
+    assert ResidualFFNStack("swiglu", 8, 2, 12, 2)(ctx).shape == (0, 8)
+    assert SwiGLUFeedForward(8, 16)(torch.randn(0, 5, 8)).shape == (0, 5, 8)
+
+
+def test_zero_layers_is_the_no_ffn_baseline():
+    model = ResidualFFNStack("relu", 8, 2, 12, 0)
+    assert len(model.layers) == 0
+    assert model(torch.zeros(3, 2, dtype=torch.long)).shape == (3, 8)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    arg=st.sampled_from(["d_model", "hidden_dim"]),
+    bad=st.one_of(
+        st.integers(max_value=0),
+        st.floats(allow_nan=True),
+        st.booleans(),
+        st.none(),
+        st.text(max_size=3),
+    ),
+    cls=st.sampled_from([FeedForward, GatedFeedForward, SwiGLUFeedForward]),
+)
+def test_hypothesis_bad_sizes_raise_an_error_naming_the_argument(arg, bad, cls):
+    if cls is SwiGLUFeedForward and arg == "hidden_dim" and bad is None:
+        return  # hidden_dim=None is Llama's rule
+    sizes = {"d_model": 8, "hidden_dim": 16, arg: bad}
+    with pytest.raises((ValueError, TypeError), match=arg):
+        cls(**sizes)
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--steps", "0"), ("--seeds", "-1"), ("--steps", "x")])
+def test_flags_a_non_positive_count_exits_2_with_one_line_before_writing(
+    flag, value, tmp_path, monkeypatch, capsys
+):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match=rf"{flag} \(0\) must be >= 1"):
-        swiglu.main(["--quick", "--no-show", "--out", str(out), flag, "0"])
+    with pytest.raises(SystemExit) as exit_info:
+        swiglu.main(["--quick", "--no-show", "--out", str(out), flag, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("swiglu.py: error: argument") or flag in err[-1], err
+    assert flag in err[-1]
     assert list(tmp_path.iterdir()) == []  # neither --out nor the default figures/ was created
+
+
+def test_headline_docstring_example_runs():
+    import doctest
+
+    result = doctest.testmod(swiglu, verbose=False)
+    assert result.attempted >= 3 and result.failed == 0
+
+
+# --- claims and titles follow the numbers --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("speed", "lo", "hi", "held", "words"),
+    [
+        (1.02, 0.95, 1.08, True, "1.02x faster than"),
+        (0.97, 0.90, 1.05, True, "1.03x slower than"),
+        (1.00, 0.4, 1.8, False, "too noisy"),  # noisy: the spread crosses the band
+        (0.5, 0.45, 0.55, False, "more than 1.2x apart"),  # contrary: clearly slower
+        (1.6, 1.5, 1.7, False, "more than 1.2x apart"),
+    ],
+)
+def test_speed_claim_wording_follows_the_numbers(speed, lo, hi, held, words):
+    c = swiglu.speed_claim(speed, lo, hi, rounds=5)
+    assert c["held"] is held
+    assert words in c["statement"]
+    assert f"{lo:.2f}x-{hi:.2f}x" in c["statement"]  # printed with its spread
+
+
+def test_every_seed_claim_wording_follows_the_numbers():
+    won = swiglu.every_seed_claim([1.0, 1.1, 1.2], [1.3, 1.4, 1.5], 0.05)
+    assert won["held"] and "on every seed" in won["statement"] and "0.05" in won["statement"]
+    mixed = swiglu.every_seed_claim([1.0, 1.35, 1.2], [1.3, 1.4, 1.5], 0.05)
+    assert not mixed["held"] and "did not show" in mixed["statement"]
+    assert "2 of 3" in mixed["statement"] and "lower on average" in mixed["statement"]
+    lost = swiglu.every_seed_claim([1.6, 1.7, 1.8], [1.3, 1.4, 1.5], 0.05)
+    assert not lost["held"] and "not lower on average" in lost["statement"]
+
+
+def test_dead_units_and_flat_init_claims_follow_the_numbers():
+    dies = swiglu.dead_units_claim({"relu": 0.3, "gelu": 0.0, "swiglu": 0.01}, 50)
+    assert dies["held"] and "30.0%" in dies["statement"]
+    contrary = swiglu.dead_units_claim({"relu": 0.0, "gelu": 0.0, "swiglu": 0.02}, 50)
+    assert not contrary["held"] and "did not show" in contrary["statement"]
+    assert "SwiGLU" in contrary["statement"]
+    assert swiglu.flat_init_claim(1.3, 24)["held"]
+    steep = swiglu.flat_init_claim(5.0, 24)
+    assert not steep["held"] and "does not show" in steep["statement"]
+
+
+def _table(speeds: dict[str, tuple[float, float, float]]) -> dict:
+    rows = {}
+    for v, (med, lo, hi) in speeds.items():
+        rows[v] = {"params_ratio": 1.0}
+        for key in ("forward", "fwd_bwd"):
+            rows[v] |= {f"{key}_speed_vs_relu": med, f"{key}_speed_vs_relu_lo": lo,
+                        f"{key}_speed_vs_relu_hi": hi}  # fmt: skip
+    return {"rows": rows, "rounds": 5}
+
+
+def test_ffn_speed_title_follows_the_numbers():
+    calm = swiglu.ffn_speed_title(_table({"relu": (1, 1, 1), "swiglu": (0.98, 0.95, 1.02)}))
+    assert "every one ran within 1.2x" in calm
+    noisy = swiglu.ffn_speed_title(_table({"relu": (1, 1, 1), "swiglu": (1.0, 0.5, 1.9)}))
+    assert "every median speed is within 1.2x" in noisy and "1 of 1 left that band" in noisy
+    slow = swiglu.ffn_speed_title(_table({"relu": (1, 1, 1), "swiglu": (0.5, 0.45, 0.55)}))
+    assert "median speed of SwiGLU is more than 1.2x" in slow and "every" not in slow
+
+
+def test_smallest_in_most_layers_counts_layers():
+    res = swiglu.smallest_in_most_layers({"relu": [1, 1, 3], "silu": [2, 0.5, 0.1]})
+    assert res == {"variant": "silu", "label": "SiLU FFN", "layers": 2, "n_layers": 3}
 
 
 # --- smoke test ------------------------------------------------------------------------------
@@ -475,28 +679,38 @@ def test_main_quick_writes_figures_and_results(run_main):
         "param_matched",
         "gradient_flow",
         "training",
-        "goals",
+        "claims",
     ]
-    rows = res["param_matched"]["rows"]
+    table = res["param_matched"]
+    rows = table["rows"]
     assert list(rows) == list(res["meta"]["config"]["bench_variants"])
-    assert rows["relu"]["forward_ratio"] == 1.0
+    assert rows["relu"]["forward_speed_vs_relu"] == 1.0
     for r in rows.values():
         assert r["params"] == r["params_formula"]
         assert r["matmul_flops_per_token"] == r["matmul_flops_per_token_counted"]
         assert r["params_ratio"] == 1.0  # the quick d_model is divisible by 3
         assert r["forward_ms"] > 0 and r["fwd_bwd_ms"] > 0
+        for key in ("forward", "fwd_bwd"):
+            assert len(r[f"{key}_ms_rounds"]) == table["rounds"] >= 3
+            lo, med, hi = (r[f"{key}_speed_vs_relu{s}"] for s in ("_lo", "", "_hi"))
+            assert 0 < lo <= med <= hi
     flow = res["gradient_flow"]
     for r in flow["variants"].values():
         assert len(r["grad_norm_init"]) == len(r["grad_norm_trained"]) == flow["n_layers"]
-    assert res["goals"]["llama_sizes_reproduced"] is True
-    assert res["goals"]["params_match_formula"] is True
+    small = flow["smallest_after_training"]
+    trained = {v: r["grad_norm_trained"] for v, r in flow["variants"].items()}
+    assert small == swiglu.smallest_in_most_layers(trained)
+    claims = res["claims"]
+    assert claims["llama_sizes"]["held"] is True
+    assert claims["equal_params_and_flops"]["held"] is True
     train = res["training"]
     assert set(train["variants"]) == set(UNGATED + GATED) | {"none"}
     assert len(train["variants"]["relu"]["final_losses"]) == len(train["seeds"])
-    goals = res["goals"]
-    assert goals["swiglu_beats_relu_on_every_seed"] == (
+    assert claims["swiglu_beats_relu"]["held"] == (
         "swiglu" in train["better_than_relu_on_every_seed"]
     )
-    assert ("beats ReLU on every seed" in run.stdout) == goals["swiglu_beats_relu_on_every_seed"]
+    for c in claims.values():  # every claim is printed, marked by whether it held
+        mark = "held" if c["held"] else "not shown by this run"
+        assert f"[{mark}] {c['statement']}" in run.stdout
     # The printed paper numbers are the ones stored (Shazeer 2020, table 1).
     assert train["shazeer_t5_base_65k_log_perplexity"] == {"relu": 1.997, "swiglu": 1.944}
