@@ -89,7 +89,7 @@ References
 Contents
 --------
 2. Core: ``GPT2_PATTERN``, ``GPT4_PATTERN``, ``count_chunks`` (pre-tokenize and deduplicate),
-   ``merge_pair``, ``learn_merges`` (the incremental trainer), ``BPETokenizer`` (``train``,
+   ``_merge_pair``, ``learn_merges`` (the incremental trainer), ``BPETokenizer`` (``train``,
    ``encode``, ``decode``, ``save``, ``load``), ``tiktoken_file_bytes``.
 3. Baselines and apparatus: ``naive_train`` (recount everything), ``LINES_PATTERN`` (the trainer
    without a pattern), ``load_corpus``, ``split_text``, the bridges to tiktoken and HF
@@ -182,6 +182,7 @@ def count_chunks(text: str, pattern: str) -> dict[bytes, int]:
 
     The dict keeps the order in which chunks first occur in the text: the tie-break needs it.
     """
+    _check_str("text", text)
     counts: dict[bytes, int] = {}
     for piece in _compile_pattern(pattern).findall(text):
         key = piece.encode("utf-8")
@@ -189,7 +190,7 @@ def count_chunks(text: str, pattern: str) -> dict[bytes, int]:
     return counts
 
 
-def merge_pair(word: list[int], a: int, b: int, new_id: int) -> list[int]:
+def _merge_pair(word: list[int], a: int, b: int, new_id: int) -> list[int]:
     """Replace each (a, b) in ``word`` by ``new_id``, left to right, never overlapping."""
     out, i, n = [], 0, len(word)
     while i < n:
@@ -209,6 +210,11 @@ def learn_merges(chunks: dict[bytes, int], vocab_size: int) -> tuple[list[bytes]
     vocabulary (token bytes, index = rank) and the merges ``(left id, right id, count)`` in order.
     Stops early, with a smaller vocabulary, when no adjacent pair is left to merge.
     """
+    _check_vocab_size(vocab_size)
+    if not isinstance(chunks, dict) or not all(
+        isinstance(c, bytes) and isinstance(f, int) and f >= 1 for c, f in chunks.items()
+    ):
+        raise TypeError("chunks must be a dict of bytes -> count >= 1 (see count_chunks)")
     vocab = [bytes([i]) for i in range(256)]
     rank = {token: i for i, token in enumerate(vocab)}
     words = [list(chunk) for chunk in chunks]  # each chunk as a list of token ids
@@ -262,7 +268,7 @@ def learn_merges(chunks: dict[bytes, int], vocab_size: int) -> tuple[list[bytes]
         touched = set()
         for c in list(where[pair]):  # only the chunks that hold the pair
             old, f = words[c], freqs[c]
-            new = words[c] = merge_pair(old, a, b, new_id)
+            new = words[c] = _merge_pair(old, a, b, new_id)
             old_pairs, new_pairs = list(pairwise(old)), list(pairwise(new))
             for p in old_pairs:
                 counts[p] -= f
@@ -427,6 +433,8 @@ class BPETokenizer:
     def save(self, path: str | os.PathLike) -> None:
         """Write the ranks in tiktoken's format: base64(token) and rank, one line each. As in
         tiktoken, the pattern and the special tokens are not in the file: they are code."""
+        if not isinstance(path, str | os.PathLike):
+            raise TypeError(f"path ({path!r}) must be a str or a path")
         Path(path).write_bytes(tiktoken_file_bytes(self.mergeable_ranks))
 
     @classmethod
@@ -498,6 +506,8 @@ def naive_train(text: str, vocab_size: int, pattern: str, dedup: bool = False) -
     """
     _check_str("text", text, nonempty=True)
     _check_vocab_size(vocab_size)
+    if not isinstance(dedup, bool):
+        raise TypeError(f"dedup ({dedup!r}) must be a bool")
     chunks = count_chunks(text, pattern)
     if dedup:
         words, weights = [list(c) for c in chunks], list(chunks.values())
@@ -521,7 +531,7 @@ def naive_train(text: str, vocab_size: int, pattern: str, dedup: bool = False) -
         if token not in rank:
             rank[token] = len(vocab)
             vocab.append(token)
-        words = [merge_pair(w, a, b, rank[token]) if a in w else w for w in words]
+        words = [_merge_pair(w, a, b, rank[token]) if a in w else w for w in words]
     return rank
 
 
@@ -566,6 +576,7 @@ def load_corpus(text: str | None = None, name: str | None = None) -> dict:
 def prefix(tok: BPETokenizer, vocab_size: int) -> BPETokenizer:
     """The tokenizer a shorter training would have learned: BPE ranks grow one merge at a time,
     so the first ``vocab_size`` ranks are exactly those of training to ``vocab_size``."""
+    _check_vocab_size(vocab_size)
     ranks = {t: r for t, r in tok.mergeable_ranks.items() if r < vocab_size}
     return BPETokenizer(ranks, tok.pattern)
 
@@ -753,7 +764,9 @@ def pair_stats_after(text: str, pattern: str, merges: list[tuple]) -> tuple[dict
     words = [list(c) for c in chunks]
     for a, b, _ in merges:
         rank.setdefault(a + b, len(rank))
-        words = [merge_pair(w, rank[a], rank[b], rank[a + b]) if rank[a] in w else w for w in words]
+        words = [
+            _merge_pair(w, rank[a], rank[b], rank[a + b]) if rank[a] in w else w for w in words
+        ]
     token = {i: t for t, i in rank.items()}
     counts: dict = collections.Counter()
     first: dict = {}
