@@ -845,6 +845,7 @@ def benchmark_training(
         "naive_dedup": lambda v: naive_train(text, v, pattern, dedup=True),
         "naive": lambda v: naive_train(text, v, pattern),
     }
+    vocab_sizes = sorted({*vocab_sizes, *naive_vocab_sizes})
     sizes = {
         "incremental": vocab_sizes,
         "naive_dedup": naive_vocab_sizes,
@@ -874,6 +875,16 @@ def benchmark_training(
     for name in ("naive", "naive_dedup"):
         ratios = [n / i for n, i in zip(times[name][v], times["incremental"][v], strict=True)]
         out[f"speedup_vs_{name}"] = {"vocab_size": v, **_spread(ratios)}
+    # An estimate, not a measurement: the naive trainer's time per merge at its largest size,
+    # times the merges of the largest incremental size (its cost per merge barely falls).
+    per_merge = statistics.median(times["naive"][v]) / (v - 256)
+    big = max(vocab_sizes)
+    out["naive_estimate"] = {
+        "vocab_size": big,
+        "seconds": per_merge * (big - 256),
+        "minutes": per_merge * (big - 256) / 60,
+        "speedup": per_merge * (big - 256) / statistics.median(times["incremental"][big]),
+    }
     out["ranks_identical"] = {
         "vocab_sizes": naive_vocab_sizes,
         "identical": [identical[v] for v in naive_vocab_sizes],
@@ -932,7 +943,13 @@ def boundary_tokens(mergeable_ranks: dict[bytes, int]) -> dict:
             examples.setdefault(kind, [])
             if len(examples[kind]) < 5:
                 examples[kind].append(text)
-    return {"count": sum(kinds.values()), "by_kind": dict(kinds), "examples": examples}
+    sample = [t for kind in BOUNDARY_KINDS for t in examples.get(kind, [])][:3]
+    return {
+        "count": sum(kinds.values()),
+        "by_kind": dict(kinds),
+        "examples": examples,
+        "sample": ", ".join(repr(t) for t in sample),
+    }
 
 
 def measure_compression(
@@ -1217,6 +1234,14 @@ def plot_training_time(training: dict) -> plt.Figure:
         ]
         merges = [v - 256 for v in t["vocab_sizes"]]
         ax.errorbar(merges, med, yerr=err, fmt="o-", capsize=3, label=labels[name])
+    naive, est = training["naive"], training["naive_estimate"]
+    ax.plot(
+        [naive["vocab_sizes"][-1] - 256, est["vocab_size"] - 256],
+        [naive["median_s"][-1], est["seconds"]],
+        ":",
+        color="C0",
+        label=f"naive, estimated: {est['seconds'] / 60:.0f} min for {est['vocab_size']} tokens",
+    )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     merges = [v - 256 for v in training["incremental"]["vocab_sizes"]]
@@ -1254,8 +1279,8 @@ SIZES = {
         "hf_vocab": 1024,
         "rounds": 3,
         "bench_chars": None,  # the whole training split
-        "train_vocab_sizes": [264, 272, 288, 512, 1024, 2048, 4096, 8192],
-        "naive_vocab_sizes": [264, 272, 288],
+        "train_vocab_sizes": [264, 272, 280, 512, 1024, 2048, 4096, 8192],
+        "naive_vocab_sizes": [264, 272, 280],
         "encode_min_run_time": 0.2,
         "compression_vocab_sizes": [256, 512, 1024, 2048, 4096, 8192],
         "split_vocab_sizes": [256, 512, 1024, 4096],
@@ -1398,6 +1423,11 @@ def print_training(training: dict) -> None:
             f"  incremental vs {name} at {s['vocab_size']}: {s['median']:.1f}x "
             f"({s['min']:.1f}-{s['max']:.1f}x)"
         )
+    e = training["naive_estimate"]
+    print(
+        f"  estimate (time per merge x merges, not measured): naive would take "
+        f"{e['seconds'] / 60:.1f} min for {e['vocab_size']} tokens, {e['speedup']:.0f}x longer"
+    )
     r = training["ranks_identical"]
     print(f"  the three trainers learn identical ranks at {r['vocab_sizes']}: {r['identical']}")
 

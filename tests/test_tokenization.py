@@ -402,6 +402,9 @@ def _numbers(
             "max_s": [0.1, t4096],
         },
         "speedup_vs_naive": {"vocab_size": 288, "median": med, "min": lo, "max": hi},
+        "naive": {"vocab_sizes": [288], "median_s": [4.0], "min_s": [3.0], "max_s": [5.0]},
+        "naive_dedup": {"vocab_sizes": [288], "median_s": [1.0], "min_s": [1.0], "max_s": [1.0]},
+        "naive_estimate": {"vocab_size": 4096, "seconds": 470.0, "speedup": 940.0},
     }
     med, lo, hi = tiktoken_ratio
     encode = {
@@ -460,6 +463,15 @@ def test_titles_follow_the_numbers():
     flat["bytes_per_token"]["lines"] = [1.0, 2.0, 2.0]
     assert "do not rise steadily" in compression_title(flat)
     assert "no pattern compresses less" in compression_title(flat)
+
+
+def test_figures_draw_from_contrary_numbers():
+    _, training, _, compression = _numbers(rises=False, crossing=0)
+    compression["boundary_tokens"] = {
+        n: {"count": 0, "by_kind": {}} for n in ("gpt2", "gpt4", "lines")
+    }
+    tokenization.plot_training_time(training)
+    tokenization.plot_compression(compression)
 
 
 # ----------------------------------------------------------------------------- the script
