@@ -62,7 +62,7 @@ tokenizer the default run writes (``tokenizer.tiktoken``: 4096 ranks, GPT-4's pa
 
 Run it
 ------
-    uv run python tokenization.py                  # default run (well under a minute here)
+    uv run python tokenization.py                  # default run (about a minute on a 2-core CPU)
     uv run python tokenization.py --quick          # small sizes, a few seconds
     uv run python tokenization.py --text FILE      # train on your own text instead
     uv run python tokenization.py --vocab-size 8192 --out DIR --no-show
@@ -1251,7 +1251,7 @@ def plot_training_time(training: dict) -> plt.Figure:
     ax.set_ylabel(f"training time (s, median of {training['rounds']}; bars: min-max)")
     ax.set_title(training_title(training), fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=9)
+    ax.legend(loc="upper left", fontsize=9)
     fig.tight_layout()
     return fig
 

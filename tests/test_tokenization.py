@@ -513,3 +513,21 @@ def test_quick_run_writes_figures_results_and_the_tokenizer(run_main):
     assert r["training"]["ranks_identical"]["identical"] == [True] * len(
         r["training"]["ranks_identical"]["vocab_sizes"]
     )
+
+
+def test_committed_tokenizer_file_is_what_training_gives_on_this_python():
+    """training.py loads docs/figures/tokenization/tokenizer.tiktoken: it must be exactly what
+    BPETokenizer.train learns from the corpus (the help text changes between Python versions)."""
+    import json
+    import platform
+    from pathlib import Path
+
+    folder = Path(tokenization.__file__).parent / "docs" / "figures" / "tokenization"
+    results = json.loads((folder / "results.json").read_text())
+    if results["corpus"]["python"] != platform.python_version():
+        pytest.skip(f"committed on Python {results['corpus']['python']}: another help text")
+    loaded = BPETokenizer.load(folder / "tokenizer.tiktoken")
+    vocab_size = results["tokenizer"]["vocab_size"]
+    trained = BPETokenizer.train(corpus()["train"], vocab_size, GPT4_PATTERN)
+    assert loaded.mergeable_ranks == trained.mergeable_ranks
+    assert loaded.special_tokens == {ENDOFTEXT: vocab_size}
