@@ -92,10 +92,12 @@ Contents
    ``_merge_pair``, ``learn_merges`` (the incremental trainer), ``BPETokenizer`` (``train``,
    ``encode``, ``decode``, ``save``, ``load``), ``tiktoken_file_bytes``.
 3. Baselines and apparatus: ``naive_train`` (recount everything), ``LINES_PATTERN`` (the trainer
-   without a pattern), ``load_corpus``, ``split_text``, the bridges to tiktoken and HF
-   ``tokenizers``, ``boundary_tokens``, ``time_call_s``.
+   without a pattern), ``ADVERSARIAL`` strings, ``load_corpus`` and ``split_text``, ``prefix``
+   (a smaller vocabulary), the bridges to tiktoken and HF ``tokenizers`` (``tiktoken_encoding``,
+   ``hf_from_ranks``, ``hf_train``), ``time_call_s``.
 4. Experiments: ``check_parity``, ``explain_hf_divergence``, ``benchmark_training``,
-   ``benchmark_encode``, ``measure_compression``, ``tokenization_claims``.
+   ``benchmark_encode``, ``boundary_tokens``, ``measure_compression``, the figure titles and
+   ``tokenization_claims``.
 5. Figures: ``plot_compression``, ``plot_sentence_splits``, ``plot_token_lengths``,
    ``plot_training_time``.
 6. Main: ``parse_args``, the ``print_*`` helpers, ``main``.
@@ -830,7 +832,7 @@ def explain_hf_divergence(text: str, vocab_size: int, pattern: str) -> dict | No
     }
 
 
-def _spread(values: list[float]) -> dict:
+def _median_spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
@@ -866,7 +868,7 @@ def benchmark_training(
         print(f"  round {r + 1}/{rounds}: {time.perf_counter() - start:.1f} s")
     out = {"pattern": "gpt4", "text_bytes": len(text.encode("utf-8")), "rounds": rounds}
     for name in trainers:
-        stats = [_spread(times[name][v]) for v in sizes[name]]
+        stats = [_median_spread(times[name][v]) for v in sizes[name]]
         out[name] = {
             "vocab_sizes": sizes[name],
             **{f"{k}_s": [s[k] for s in stats] for k in ("median", "min", "max")},
@@ -874,7 +876,7 @@ def benchmark_training(
     v = max(naive_vocab_sizes)
     for name in ("naive", "naive_dedup"):
         ratios = [n / i for n, i in zip(times[name][v], times["incremental"][v], strict=True)]
-        out[f"speedup_vs_{name}"] = {"vocab_size": v, **_spread(ratios)}
+        out[f"speedup_vs_{name}"] = {"vocab_size": v, **_median_spread(ratios)}
     # An estimate, not a measurement: the naive trainer's time per merge at its largest size,
     # times the merges of the largest incremental size (its cost per merge barely falls).
     per_merge = statistics.median(times["naive"][v]) / (v - 256)
@@ -915,11 +917,11 @@ def benchmark_encode(tok: BPETokenizer, text: str, min_run_time: float, rounds: 
         "text_bytes": n_bytes,
         "rounds": rounds,
         "min_run_time_s": min_run_time,
-        "mb_per_s": {name: _spread(v) for name, v in mbps.items()},
+        "mb_per_s": {name: _median_spread(v) for name, v in mbps.items()},
     }
     if enc is not None:
         ratios = [t / o for t, o in zip(mbps["tiktoken"], mbps["ours_cold_cache"], strict=True)]
-        out["tiktoken_vs_ours_cold"] = _spread(ratios)
+        out["tiktoken_vs_ours_cold"] = _median_spread(ratios)
     return out
 
 
@@ -1332,9 +1334,12 @@ def print_corpus(corpus: dict) -> None:
     print(f"  train {corpus['train_bytes']:,} bytes, held out {corpus['heldout_bytes']:,} bytes")
 
 
-def describe_tokenizer(tok: BPETokenizer, seconds: float) -> dict:
+def describe_tokenizer(tok: BPETokenizer, seconds: float, text: str) -> dict:
+    chunks = count_chunks(text, tok.pattern)
     return {
         "pattern": "gpt4",
+        "chunks": sum(chunks.values()),
+        "distinct_chunks": len(chunks),
         "vocab_size": len(tok.mergeable_ranks),
         "n_vocab": tok.n_vocab,
         "special_tokens": tok.special_tokens,
@@ -1351,6 +1356,10 @@ def print_tokenizer(info: dict) -> None:
     print(
         f"  {info['vocab_size']} ranks + {ENDOFTEXT} = {info['n_vocab'] - 1}, trained in "
         f"{info['train_s']:.2f} s; written as {info['file']} with the figures"
+    )
+    print(
+        f"  the training text is {info['chunks']:,} chunks, {info['distinct_chunks']:,} of them "
+        f"distinct: the trainer counts pairs in those, weighted"
     )
     print(f"  first merges: {', '.join(info['first_merges'])}")
     if info["last_merge"]:
@@ -1465,14 +1474,15 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"meta": run_meta(args, device)}
     n = 7
     print(f"[1/{n}] loading the corpus ...")
-    corpus = load_corpus(*args.text) if args.text else load_corpus()
+    corpus = load_corpus(*(args.text or ()))
+    bench_text = corpus["train"][: cfg["bench_chars"]]  # what training is timed and compared on
     results["corpus"] = {k: v for k, v in corpus.items() if k not in ("train", "heldout")}
     print_corpus(results["corpus"])
 
     print(f"[2/{n}] training a {args.vocab_size}-token tokenizer (GPT-4 pattern) ...")
     start = time.perf_counter()
     tok = BPETokenizer.train(corpus["train"], args.vocab_size, GPT4_PATTERN)
-    results["tokenizer"] = describe_tokenizer(tok, time.perf_counter() - start)
+    results["tokenizer"] = describe_tokenizer(tok, time.perf_counter() - start, corpus["train"])
     print_tokenizer(results["tokenizer"])
 
     print(f"[3/{n}] checking parity with tiktoken and HF tokenizers ...")
@@ -1481,9 +1491,9 @@ def main(argv: list[str] | None = None) -> dict:
     print_parity(parity)
 
     print(f"[4/{n}] timing training: naive recount vs incremental ...")
-    sizes = sorted({*cfg["train_vocab_sizes"], args.vocab_size})
+    sizes = [*cfg["train_vocab_sizes"], args.vocab_size]
     training = results["training"] = benchmark_training(
-        corpus["train"][: cfg["bench_chars"]], sizes, cfg["naive_vocab_sizes"], cfg["rounds"]
+        bench_text, sizes, cfg["naive_vocab_sizes"], cfg["rounds"]
     )
     print_training(training)
 
@@ -1494,11 +1504,9 @@ def main(argv: list[str] | None = None) -> dict:
     print_encode(encode)
 
     print(f"[6/{n}] measuring compression vs vocabulary size ...")
+    boundary_vocab = min(args.vocab_size, cfg["compression_vocab_sizes"][-1])
     compression, gpt4 = measure_compression(
-        corpus["train"][: cfg["bench_chars"]],
-        corpus["heldout"],
-        cfg["compression_vocab_sizes"],
-        min(args.vocab_size, cfg["compression_vocab_sizes"][-1]),
+        bench_text, corpus["heldout"], cfg["compression_vocab_sizes"], boundary_vocab
     )
     results["compression"] = compression
     print_compression(compression)
