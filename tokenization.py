@@ -166,7 +166,7 @@ def _check_str(name: str, value: str, nonempty: bool = False) -> None:
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a str, got {type(value).__name__}")
     if nonempty and not value:
-        raise ValueError(f"{name} is empty: there is nothing to learn merges from")
+        raise ValueError(f"{name} is empty: it must hold at least one character")
 
 
 def _compile_pattern(pattern: str) -> regex.Pattern:
