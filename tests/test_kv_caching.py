@@ -673,13 +673,15 @@ def test_speedup_claim_follows_the_spread():
 
 
 def test_flat_claim_follows_the_spread():
-    assert kv.flat_claim(s(1.0, 1.2, 1.4), 17, 1023)["held"]
-    grew = kv.flat_claim(s(1.6, 1.74, 1.9), 17, 1023)  # the run the learner saw
-    assert not grew["held"] and "grew" in grew["statement"]
-    noisy = kv.flat_claim(s(1.1, 1.4, 1.8), 17, 1023)
+    nc = s(20.0, 30.0, 35.0)  # the uncached step grew 30x from the first context to the last
+    flat = kv.flat_claim(s(1.0, 1.2, 1.4), nc, 17, 1023, 1.4)
+    assert flat["held"] and "nearly flat" in flat["statement"]
+    grew = kv.flat_claim(s(1.6, 1.74, 1.9), nc, 17, 1023, 1.4)  # the run the learner saw
+    assert grew["held"] and "not flat" in grew["statement"] and "1.74x" in grew["statement"]
+    noisy = kv.flat_claim(s(1.1, 1.4, 3.0), s(1.5, 2.0, 2.5), 9, 127, 1.1)
     assert not noisy["held"] and "too noisy" in noisy["statement"]
-    faster = kv.flat_claim(s(0.4, 0.5, 0.6), 9, 127)
-    assert not faster["held"] and "not flat" in faster["statement"]
+    faster = kv.flat_claim(s(0.4, 0.5, 0.6), nc, 9, 127, 1.1)
+    assert not faster["held"] and "slower" in faster["statement"]
 
 
 def test_concat_claim_follows_the_spread():
@@ -719,10 +721,10 @@ def test_bound_claim_never_prints_an_impossible_utilisation():
     ],
 )
 def test_decode_time_title_comes_from_the_slopes(slopes, expected):
-    title = kv.decode_time_title(slopes)
+    title = kv.decode_slopes_title(slopes)
     assert expected in title
     assert ("stays nearly flat" in title) == (expected == "stays nearly flat")
-    small = kv.decode_time_title({**slopes, "no_cache": 0.2})
+    small = kv.decode_slopes_title({**slopes, "no_cache": 0.2})
     assert "grew little" in small
 
 
