@@ -840,9 +840,12 @@ def interleaved_rounds(
             return times
 
 
-def spread(values) -> dict:
-    """Median and range of repeated measurements (or of per-round ratios)."""
-    return {"median": float(np.median(values)), "lo": float(min(values)), "hi": float(max(values))}
+def spread(values, center: float | None = None) -> dict:
+    """Range (lo, hi) of repeated measurements or per-round ratios, and their median as the
+    center, unless an estimate ``center`` is given (then the range is widened to include it)."""
+    values = [float(v) for v in values] + ([] if center is None else [float(center)])
+    mid = float(np.median(values)) if center is None else float(center)
+    return {"center": mid, "lo": min(values), "hi": max(values)}
 
 
 def one_sided(ratios) -> bool:
@@ -1057,7 +1060,11 @@ def benchmark_decode(
         for m, ts in rounds.items()
     }
     n_new = total_len - prompt_len
-    generation_s = {m: float(np.median(g)) for m, g in gen_rounds.items()}
+    step_s = {m: [float(np.median(t)) for t in ts] for m, ts in rounds.items()}
+    generation_s = {  # from the median step times: the curves of cumulative_time.png
+        m: prefill_s + float(np.interp(all_positions, positions, t).sum())
+        for m, t in step_s.items()
+    }
     measured_static_s = median_time_s(lambda: model.generate(ids[:, :prompt_len], n_new))
 
     def ratios(a, b):
@@ -1069,7 +1076,7 @@ def benchmark_decode(
         "n_new_tokens": n_new,
         "positions": positions,
         "rounds": ROUNDS,
-        "step_ms": {m: [1e3 * float(np.median(t)) for t in ts] for m, ts in rounds.items()},
+        "step_ms": {m: [1e3 * t for t in ts] for m, ts in step_s.items()},
         "step_ms_lo": {m: [1e3 * min(t) for t in ts] for m, ts in rounds.items()},
         "step_ms_hi": {m: [1e3 * max(t) for t in ts] for m, ts in rounds.items()},
         "step_ms_rounds": {m: [[1e3 * x for x in t] for t in ts] for m, ts in rounds.items()},
@@ -1079,7 +1086,8 @@ def benchmark_decode(
         "speedup_static_vs_no_cache": generation_s["no_cache"] / generation_s["static"],
         "speedup_concat_vs_no_cache": generation_s["no_cache"] / generation_s["concat"],
         "speedup_static_vs_no_cache_spread": spread(
-            ratios(gen_rounds["no_cache"], gen_rounds["static"])
+            ratios(gen_rounds["no_cache"], gen_rounds["static"]),
+            generation_s["no_cache"] / generation_s["static"],
         ),
         "static_last_vs_first_step_spread": spread(
             ratios(rounds["static"][-1][:ROUNDS], rounds["static"][0])
@@ -1482,7 +1490,7 @@ def print_claims(claims: dict) -> None:
 
 def _range(s: dict, fmt: str = ".2f") -> str:
     """'1.24x (range 1.03-1.75x)': the median and the min-max over the timing rounds."""
-    return f"{s['median']:{fmt}}x (range {s['lo']:{fmt}}-{s['hi']:{fmt}}x)"
+    return f"{s['center']:{fmt}}x (range {s['lo']:{fmt}}-{s['hi']:{fmt}}x)"
 
 
 def speedup_claim(s: dict, n_tokens: int) -> dict:
@@ -1545,7 +1553,7 @@ def prediction_claim(predicted: dict, measured: dict) -> dict:
     if agree:
         text = f"{head}: they agree within the spread"
     else:
-        side = "above" if measured["median"] > predicted["median"] else "below"
+        side = "above" if measured["center"] > predicted["center"] else "below"
         text = (
             f"{head}: the measurement is {side} the prediction beyond the spread, so the copy "
             f"alone does not explain the step difference in this run"
@@ -1640,14 +1648,14 @@ def plot_decode_time(bench: dict, scaling: dict) -> plt.Figure:
     for method, ms in bench["step_ms"].items():
         style = KV_METHOD_STYLE[method]
         s = scaling["fitted_slope_spread"][method]
-        label = f"{style['label']}, slope {scaling['fitted_slope'][method]:.2f}"
+        label = f"{style['label']}: slope {scaling['fitted_slope'][method]:.2f}"
         lo, hi = np.array(bench["step_ms_lo"][method]), np.array(bench["step_ms_hi"][method])
         ax.errorbar(
             scaling["kv_lens"],
             ms,
             yerr=[np.array(ms) - lo, hi - np.array(ms)],
             capsize=3,
-            **{**style, "label": f"{label} ({s['lo']:.2f} to {s['hi']:.2f})"},
+            **{**style, "label": f"{label} (single rounds {s['lo']:.2f} to {s['hi']:.2f})"},
         )
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -1659,7 +1667,7 @@ def plot_decode_time(bench: dict, scaling: dict) -> plt.Figure:
     ax.set_ylabel("time per decode step (ms, log scale)")
     ax.set_title(decode_slopes_title(scaling["fitted_slope"]), fontsize=10)
     ax.legend(
-        title=f"median of {bench['rounds']}+ rounds; bars and slope ranges: min-max",
+        title=f"median of {bench['rounds']}+ timing rounds; bars: min-max",
         fontsize=8,
         title_fontsize=8,
         loc="upper left",
@@ -1671,11 +1679,11 @@ def plot_decode_time(bench: dict, scaling: dict) -> plt.Figure:
 def cumulative_time_title(s: dict) -> str:
     """The cumulative_time.png title, from the per-round static-vs-no-cache speedup spread."""
     if s["lo"] > 1:
-        verdict = f"the static cache is {s['median']:.1f}x faster in total"
+        verdict = f"the static cache is {s['center']:.1f}x faster in total"
     elif s["hi"] < 1:
-        verdict = f"the static cache was slower here ({s['median']:.2f}x): model too small"
+        verdict = f"the static cache was slower here ({s['center']:.2f}x): model too small"
     else:
-        verdict = f"cache vs no cache within the noise ({s['median']:.2f}x): too noisy to show"
+        verdict = f"cache vs no cache within the noise ({s['center']:.2f}x): too noisy to show"
     return (
         f"Cumulative generation time: {verdict}\n(range {s['lo']:.1f}-{s['hi']:.1f}x over rounds)"
     )

@@ -250,8 +250,8 @@ def test_concat_cost_counts_the_bytes_a_concat_step_copies(model):
     assert cc["bytes_copied_per_step"] == sum(c.nbytes for c in caches)
     assert cc["measured_concat_vs_static_spread"] == measured
     predicted = cc["predicted_concat_vs_static_spread"]  # 1 + extra update time / static step
-    assert predicted["median"] == pytest.approx(1 + cc["extra_ms"] / 1.0)
-    assert predicted["lo"] <= predicted["median"] <= predicted["hi"]
+    assert predicted["center"] == pytest.approx(1 + cc["extra_ms"] / 1.0)
+    assert predicted["lo"] <= predicted["center"] <= predicted["hi"]
     # Llama-2-7B config.json: 32 layers x 32 KV heads x 128 dims, K and V, bf16, at 32K tokens.
     at_32k = cc["llama_2_7b"][1]
     assert at_32k["bytes_copied_per_step"] == 2 * 32 * 32 * 128 * 2 * 32768
@@ -660,7 +660,7 @@ def test_meta_ids_on_a_meta_model_trace_shapes():
 
 
 def s(lo, median, hi):
-    return {"lo": lo, "median": median, "hi": hi}
+    return {"lo": lo, "center": median, "hi": hi}
 
 
 def test_speedup_claim_follows_the_spread():
