@@ -57,7 +57,7 @@ shrink this cache (see ``grouped_query_attention.py`` and ``multihead_latent_att
 
 Run it
 ------
-    uv run python kv_caching.py              # default sizes (about a minute on a 2-core CPU)
+    uv run python kv_caching.py              # default sizes (about 3 minutes on a 2-core CPU)
     uv run python kv_caching.py --quick      # small sizes, writes to figures/kv_caching/quick/
     uv run python kv_caching.py --out DIR --no-show --device cpu --seed 0
     uv run python kv_caching.py --hf-model gpt2   # also real GPT-2 text, if the weights are cached
@@ -408,17 +408,15 @@ class GPT(nn.Module):
         fitting in max_seq_len after ``start_pos``."""
         if not isinstance(ids, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
+        shape, device = tuple(ids.shape), self.lm_head.weight.device
         if ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2 or ids.shape[1] == 0:
-            raise ValueError(
-                f"{name} ({ids.dtype}, {tuple(ids.shape)}) must be (batch, seq_len) ids"
-            )
-        if ids.device != self.lm_head.weight.device:
-            raise ValueError(
-                f"{name} is on {ids.device}, the model on {self.lm_head.weight.device}"
-            )
+            raise ValueError(f"{name} ({ids.dtype}, {shape}) must be (batch, seq_len) ids")
+        if ids.device != device:
+            raise ValueError(f"{name} is on {ids.device}, the model on {device}")
         _check_start_pos(start_pos)
         if start_pos + ids.shape[1] > self.config.max_seq_len:
-            raise ValueError(f"{name}: {start_pos} + {ids.shape[1]} tokens exceed max_seq_len")
+            n, limit = ids.shape[1], self.config.max_seq_len
+            raise ValueError(f"{name}: start_pos {start_pos} + {n} tokens > max_seq_len {limit}")
         if ids.numel() and ids.device.type != "meta":  # meta tensors have no values to check
             if not 0 <= int(ids.min()) <= int(ids.max()) < self.config.vocab_size:
                 raise ValueError(f"{name} holds a token id outside [0, {self.config.vocab_size})")
@@ -433,7 +431,9 @@ class GPT(nn.Module):
         if cache is None and start_pos != 0:
             raise ValueError(f"start_pos ({start_pos}) must be 0 when no cache is given")
         if cache is not None and (
-            len(cache) != self.config.n_layers or cache[0].batch_size != len(x)
+            not isinstance(cache, list | tuple)
+            or len(cache) != self.config.n_layers
+            or cache[0].batch_size != len(x)
         ):
             raise ValueError(f"cache must be new_cache's n_layers caches for batch_size {len(x)}")
         return self._forward(x, start_pos, cache, last_only)
@@ -1065,7 +1065,9 @@ def benchmark_decode(
         m: prefill_s + float(np.interp(all_positions, positions, t).sum())
         for m, t in step_s.items()
     }
-    measured_static_s = median_time_s(lambda: model.generate(ids[:, :prompt_len], n_new))
+    measured_static_s = median_time_s(
+        lambda: model.generate(ids[:, :prompt_len], n_new), min_run_time
+    )
 
     def ratios(a, b):
         return [x / y for x, y in zip(a, b, strict=True)]

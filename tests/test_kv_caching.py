@@ -297,6 +297,22 @@ def test_main_decode_cost_follows_the_measurements(step, overhead, memory, compu
     assert kv.main_decode_cost(step, overhead, memory, compute) == expected
 
 
+def test_an_impossible_utilisation_is_remeasured_then_dropped(model, monkeypatch):
+    calls = []
+
+    def slow_copy(n_bytes, device, min_run_time):  # a copy benchmark that underestimates
+        calls.append(n_bytes)
+        return 1e-6  # GB/s: any real step moves more than this
+
+    monkeypatch.setattr(kv, "copy_bandwidth_gb_per_s", slow_copy)
+    bw = kv.bandwidth_analysis({"tiny": model}, 4, 2**16, 0.01, 0)
+    assert bw["bandwidth_remeasured"] and calls == [2**16, 4 * 2**16]  # measured again, 4x bytes
+    row = bw["models"][0]
+    assert row["bandwidth_utilisation_ratio"] is None and row["matvec_utilisation_ratio"] is None
+    assert "measurement is wrong" in row["utilisation_note"]
+    assert "%" not in kv.bound_claim(row)["statement"]
+
+
 # ----- FLOPs and scaling ----------------------------------------------------------------------
 
 
