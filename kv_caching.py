@@ -80,13 +80,15 @@ References
 
 Contents
 --------
-2. Core: the validation helpers, ``causal_mask``, ``KVCache`` (pre-allocated, in place),
-   ``ConcatKVCache`` (``torch.cat``), ``GPTConfig``, ``attention``, ``CausalSelfAttention``,
-   ``MLP``, ``Block``, ``GPT`` (``forward``, ``new_cache``, ``generate``), ``sample_next``.
-3. Baselines and apparatus: ``gpt2``, ``load_hf_gpt2`` (behind ``GPT.from_hf_gpt2``),
-   ``kv_cache_bytes``, ``mla_cache_bytes``, ``decode_step_flops``, ``fit_loglog_slope``,
-   ``decode_positions``, ``interleaved_rounds``, ``RELEASED_MODELS``, ``llama_param_count``,
-   bandwidth probes, ``tiny_widths``, ``main_decode_cost``.
+2. Core: the validation helpers, ``causal_mask``, ``KVCache`` (pre-allocated, written in place),
+   ``attention``, ``CausalSelfAttention``, ``Block``, ``GPT`` (``forward``, ``new_cache``,
+   ``generate``).
+3. Baselines and apparatus: ``ConcatKVCache`` (the ``torch.cat`` baseline), sampling
+   (``sample_next``), ``GPTConfig``, ``MLP``, ``gpt2``, ``load_hf_gpt2`` (behind
+   ``GPT.from_hf_gpt2``), ``kv_cache_bytes``, ``mla_cache_bytes``, ``decode_step_flops``,
+   ``fit_loglog_slope``, ``decode_positions``, ``interleaved_rounds``, ``spread``,
+   ``RELEASED_MODELS``, ``llama_param_count``, bandwidth probes, ``tiny_widths``,
+   ``main_decode_cost``.
 4. Experiments: ``check_correctness``, ``benchmark_decode``, ``scaling_analysis``,
    ``concat_cost_analysis``, ``measure_memory``, ``real_model_cache_table``,
    ``bandwidth_analysis``, ``attention_picture``, ``hf_demo``, the claims (``decode_claims``).
