@@ -833,6 +833,10 @@ def interleaved_rounds(
     compare them under the same load, and the rounds give a spread. After ``rounds`` rounds more
     are run, up to ``MAX_ROUNDS``, while ``settled(times)`` is False (spread exceeds effect).
     """
+    if not isinstance(fns, dict) or not fns or not all(map(callable, fns.values())):
+        raise ValueError(f"fns ({fns!r}) must be a non-empty dict of functions to time")
+    _check_sizes(rounds=rounds)
+    _check_positive(min_run_time=min_run_time)
     times: dict[str, list[float]] = {name: [] for name in fns}
     while True:
         for name, fn in fns.items():
@@ -845,6 +849,8 @@ def interleaved_rounds(
 def spread(values, center: float | None = None) -> dict:
     """Range (lo, hi) of repeated measurements or per-round ratios, and their median as the
     center, unless an estimate ``center`` is given (then the range is widened to include it)."""
+    if len(values) == 0:
+        raise ValueError("values ([]) must hold at least one measurement")
     values = [float(v) for v in values] + ([] if center is None else [float(center)])
     mid = float(np.median(values)) if center is None else float(center)
     return {"center": mid, "lo": min(values), "hi": max(values)}

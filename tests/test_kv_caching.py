@@ -501,6 +501,9 @@ def test_types(model, call, name):
         (lambda m: kv.real_model_cache_table(0), "bytes_per_element"),
         (lambda m: kv.attention_picture(m, prompt_ids(), layer=9), "layer"),
         (lambda m: kv.main_decode_cost(-1.0, 1.0, 1.0, 1.0), "step_s"),
+        (lambda m: kv.interleaved_rounds({}, 0.01), "fns"),
+        (lambda m: kv.interleaved_rounds({"a": lambda: None}, 0.0), "min_run_time"),
+        (lambda m: kv.spread([]), "values"),
     ],
 )
 def test_ranges(model, call, name):
