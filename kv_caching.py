@@ -87,8 +87,8 @@ Contents
    (``sample_next``), ``GPTConfig``, ``MLP``, ``gpt2``, ``load_hf_gpt2`` (behind
    ``GPT.from_hf_gpt2``), ``kv_cache_bytes``, ``mla_cache_bytes``, ``decode_step_flops``,
    ``fit_loglog_slope``, ``decode_positions``, ``interleaved_rounds``, ``spread``,
-   ``RELEASED_MODELS``, ``llama_param_count``, bandwidth probes, ``tiny_widths``,
-   ``main_decode_cost``.
+   ``check_token_ids``, ``RELEASED_MODELS``, ``llama_param_count``, bandwidth probes,
+   ``tiny_widths``, ``main_decode_cost``.
 4. Experiments: ``check_correctness``, ``benchmark_decode``, ``scaling_analysis``,
    ``concat_cost_analysis``, ``measure_memory``, ``real_model_cache_table``,
    ``bandwidth_analysis``, ``attention_picture``, ``hf_demo``, the claims (``decode_claims``).
@@ -405,31 +405,13 @@ class GPT(nn.Module):
             for _ in range(c.n_layers)
         ]
 
-    def _check_ids(self, ids: torch.Tensor, name: str, start_pos: int = 0) -> None:
-        """Token ids (batch, seq_len >= 1), int64/int32, on the model's device, in the vocab, and
-        fitting in max_seq_len after ``start_pos``."""
-        if not isinstance(ids, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
-        shape, device = tuple(ids.shape), self.lm_head.weight.device
-        if ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2 or ids.shape[1] == 0:
-            raise ValueError(f"{name} ({ids.dtype}, {shape}) must be (batch, seq_len) ids")
-        if ids.device != device:
-            raise ValueError(f"{name} is on {ids.device}, the model on {device}")
-        _check_start_pos(start_pos)
-        if start_pos + ids.shape[1] > self.config.max_seq_len:
-            n, limit = ids.shape[1], self.config.max_seq_len
-            raise ValueError(f"{name}: start_pos {start_pos} + {n} tokens > max_seq_len {limit}")
-        if ids.numel() and ids.device.type != "meta":  # meta tensors have no values to check
-            if not 0 <= int(ids.min()) <= int(ids.max()) < self.config.vocab_size:
-                raise ValueError(f"{name} holds a token id outside [0, {self.config.vocab_size})")
-
     def forward(
         self, x: torch.Tensor, start_pos: int = 0, cache=None, last_only: bool = False
     ) -> torch.Tensor:
         """Logits (batch, seq_len, vocab_size) for token ids ``x`` (batch, seq_len) at positions
         start_pos ..; without a cache start_pos is 0; with one (from ``new_cache``) this is a
         prefill, one decode token or a chunk after the cached ones. ``last_only``: last position."""
-        self._check_ids(x, "x", start_pos)
+        check_token_ids(x, "x", self.config, self.lm_head.weight.device, start_pos)
         if cache is None and start_pos != 0:
             raise ValueError(f"start_pos ({start_pos}) must be 0 when no cache is given")
         if cache is not None and (
@@ -467,7 +449,7 @@ class GPT(nn.Module):
         0, else sampled (``sample_next``). With a cache: one prefill pass over the prompt, then one
         single-token pass per new token; without: a full pass over the sequence per token. Returns
         the ids, and with ``return_logits`` the (batch, max_new_tokens, vocab) logits used."""
-        self._check_ids(ids, "ids")
+        check_token_ids(ids, "ids", self.config, self.lm_head.weight.device)
         _check_sizes(max_new_tokens=max_new_tokens)
         _check_sampling(temperature, top_k, generator)
         if not isinstance(use_cache, bool) or not isinstance(return_logits, bool):
@@ -572,6 +554,24 @@ class ConcatKVCache:
 
 
 CACHE_KINDS = {"static": KVCache, "concat": ConcatKVCache}
+
+
+def check_token_ids(ids, name: str, config: GPTConfig, device, start_pos: int = 0) -> None:
+    """Token ids (batch, seq_len >= 1), int64/int32, on ``device``, inside the vocabulary, and
+    fitting in max_seq_len after ``start_pos`` (the door checks of ``GPT.forward``/``generate``)."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
+    if ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2 or ids.shape[1] == 0:
+        raise ValueError(f"{name} ({ids.dtype}, {tuple(ids.shape)}) must be (batch, seq_len) ids")
+    if ids.device != device:
+        raise ValueError(f"{name} is on {ids.device}, the model on {device}")
+    _check_start_pos(start_pos)
+    if start_pos + ids.shape[1] > config.max_seq_len:
+        n, limit = ids.shape[1], config.max_seq_len
+        raise ValueError(f"{name}: start_pos {start_pos} + {n} tokens > max_seq_len {limit}")
+    if ids.numel() and ids.device.type != "meta":  # meta tensors have no values to check
+        if not 0 <= int(ids.min()) <= int(ids.max()) < config.vocab_size:
+            raise ValueError(f"{name} holds a token id outside [0, {config.vocab_size})")
 
 
 def _check_sampling(temperature: float, top_k: int | None, generator=None) -> None:
@@ -1388,7 +1388,7 @@ def bandwidth_analysis(
 @torch.inference_mode()
 def attention_picture(model: GPT, ids: torch.Tensor, layer: int = 0, head: int = 0) -> dict:
     """Attention weights of one head for a short sequence (batch 1), for the decode-step figure."""
-    model._check_ids(ids, "ids")
+    check_token_ids(ids, "ids", model.config, model.lm_head.weight.device)
     if ids.shape[0] != 1:
         raise ValueError(f"ids (shape {tuple(ids.shape)}) must hold one sequence (batch 1)")
     for name, value, n in (
