@@ -415,6 +415,26 @@ def test_from_hf_gpt2_matches_transformers():
         torch.testing.assert_close(from_state(ids), expected, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize(("q_len", "kv_len"), [(1, 9), (4, 9), (9, 9)])  # decode, chunk, prefill
+def test_attention_matches_transformers_eager_attention_with_an_explicit_causal_mask(q_len, kv_len):
+    pytest.importorskip("transformers")
+    from transformers.models.gpt2.modeling_gpt2 import eager_attention_forward
+
+    q, k, v = (
+        torch.randn(2, 3, q_len, 8),
+        torch.randn(2, 3, kv_len, 8),
+        torch.randn(2, 3, kv_len, 8),
+    )
+    # The queries are the last q_len positions: query i sees keys j <= kv_len - q_len + i.
+    allowed = torch.tensor([[j <= kv_len - q_len + i for j in range(kv_len)] for i in range(q_len)])
+    additive = torch.zeros(q_len, kv_len).masked_fill(~allowed, float("-inf"))
+    expected, _ = eager_attention_forward(torch.nn.Module().eval(), q, k, v, additive)
+    for impl in ("explicit", "sdpa"):  # HF returns (batch, q_len, heads, head_dim)
+        torch.testing.assert_close(
+            kv.attention(q, k, v, impl).transpose(1, 2), expected, atol=ATOL, rtol=0
+        )
+
+
 def test_hf_demo_without_weights_says_so_and_carries_on():
     pytest.importorskip("transformers")
     result = kv.hf_demo("kv-caching-tests/no-such-model", torch.device("cpu"), 4, 0.01)
