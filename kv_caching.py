@@ -1921,7 +1921,7 @@ def print_correctness(c: dict) -> None:
 def print_decode(b: dict, s: dict) -> None:
     """Stage 2: per-step times (median and range over rounds), FLOPs, generation time."""
     print(
-        f"  {'context':>8s} {'no cache (ms)':>19s} {'concat (ms)':>19s} {'static (ms)':>19s}"
+        f"  {'context':>8s} {'no cache (ms)':>24s} {'concat (ms)':>24s} {'static (ms)':>24s}"
         f"   {'GFLOP no cache':>14s} {'GFLOP cached':>12s}"
     )
     for i, n in enumerate(s["kv_lens"]):
@@ -1932,7 +1932,7 @@ def print_decode(b: dict, s: dict) -> None:
         flops = [s["flops_per_step"][m][i] / 1e9 for m in ("no_cache", "static")]
         print(
             f"  {n:8d} "
-            + " ".join(f"{c:>19s}" for c in cells)
+            + " ".join(f"{c:>24s}" for c in cells)
             + f"   {flops[0]:14.4f} {flops[1]:12.4f}"
         )
     print(f"  generating {b['n_new_tokens']} tokens (prefill {b['prefill_ms']:.2f} ms + steps):")
