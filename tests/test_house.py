@@ -23,6 +23,7 @@ SCRIPTS = [
     "kv_caching",
     "grouped_query_attention",
     "multihead_latent_attention",
+    "flash_attention",
 ]
 SHARED_FLAGS = ["--quick", "--out", "--no-show", "--device", "--seed"]
 
