@@ -54,12 +54,13 @@ Where it is used
 FlashAttention-2 and -3 are the attention kernels of nearly every LLM training and serving stack
 (PyTorch's ``F.scaled_dot_product_attention`` dispatches to a FlashAttention kernel on recent
 GPUs and to a tiled CPU kernel here; vLLM, TensorRT-LLM, Hugging Face ``attn_implementation=
-"flash_attention_2"``). Sliding windows: Mistral 7B, Mixtral, Gemma 2 and 3 (alternating layers).
+"flash_attention_2"``). Sliding windows: Mistral 7B (v0.1, W = 4096), Gemma 2 and 3 (local layers
+alternating with global ones).
 
 Run it
 ------
-    uv run python flash_attention.py          # default sizes (about 90 s on a 2-core CPU)
-    uv run python flash_attention.py --quick  # small sizes, about 15 s
+    uv run python flash_attention.py          # default sizes (about 80 s on a 2-core CPU)
+    uv run python flash_attention.py --quick  # small sizes, about 20 s
     uv run python flash_attention.py --out DIR --no-show --device cpu --seed 0
 
 It prints each check and measurement, saves every figure as PNG and every printed number in
@@ -280,7 +281,8 @@ def flash_attention_forward(
     q (batch, n_heads, q_len, head_dim); k, v (batch, n_kv_heads, kv_len, head_dim) with
     n_kv_heads dividing n_heads (GQA). Returns O (like q) and the logsumexp L (batch, n_heads,
     q_len) of each score row, which the backward uses to recompute P. Half-precision inputs are
-    multiplied with float32 accumulation, as on the GPU.
+    multiplied with float32 accumulation, as on the GPU. No autograd graph is recorded: for
+    gradients use ``flash_attention`` (or ``flash_attention_backward`` with O and L).
 
     >>> q, k = torch.ones(1, 4, 100, 16), torch.ones(1, 2, 100, 16)  # 4 query heads, 2 KV heads
     >>> O, L = flash_attention_forward(q, k, k, causal=True, block_q=32, block_k=32)

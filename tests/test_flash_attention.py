@@ -130,6 +130,22 @@ def test_backward_equals_sdpa_autograd_on_drawn_shapes(hk, group, tq, extra, bq,
         assert_close(a, r, atol=ATOL, rtol=0)
 
 
+def test_autograd_saves_no_t_by_t_tensor():
+    """What autograd keeps for the backward: naive attention keeps P (T x T), the tiled version
+    only q, k, v, O and L."""
+    q, k, v = (t.requires_grad_() for t in qkv(1, 2, 2, 64, 64, 8))
+    saved = {}
+    for name, attend in (("naive", naive_attention), ("flash", flash_attention)):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t, sizes=sizes: sizes.append(t.numel()) or t, lambda t: t
+        ):
+            attend(q, k, v, causal=True)
+        saved[name] = max(sizes)
+    assert saved["naive"] >= 2 * 64 * 64  # P, for 2 heads
+    assert saved["flash"] == q.numel()  # the largest saved tensor is q-sized
+
+
 def test_gradcheck_in_float64_on_a_tiny_gqa_causal_case():
     q, k, v = (t.requires_grad_() for t in qkv(1, 4, 2, 5, 7, 3, dtype=torch.float64))
     assert torch.autograd.gradcheck(
