@@ -33,7 +33,7 @@ The math (FlashAttention-2, arXiv 2307.08691, Algorithm 1; s = the softmax scale
         O_i = diag(l)^-1 O~                                                       (A1.12)
         L_i = m + log(l)          (the logsumexp of each row of S, for the backward)  (A1.13)
 The paper prints line 10 with diag(e^(m - m_new))^-1; the factor that keeps O~ consistent is
-e^(m - m_new) itself (Dao-AILab/flash-attention issue 991), as every kernel computes it.
+e^(m - m_new) itself (reported as Dao-AILab/flash-attention #991), as kernels compute it.
 Backward (Algorithm 2), with D = rowsum(dO * O) computed once                     (A2.4)
     for each key/value block K_j, V_j, and inside it each query block Q_i:        (A2.5, A2.8)
         S = s Q_i K_j^T; P = exp(S - L_i)  (recomputed, never stored)             (A2.10, A2.11)
@@ -1140,7 +1140,7 @@ def speed_statement(speed: dict) -> dict:
     spread = max(speed["spread"]["flash"], speed["spread"]["sdpa"])
     text = (
         f"the Python tiled loop is {times_word(ratio, 'SDPA')} (spread {spread:.0%} over "
-        f"rounds): it issues ~10 small PyTorch calls from the interpreter for each of its "
+        f"rounds): it makes ~10 small PyTorch calls from the interpreter for each of its "
         f"{speed['flash_tiles']} tiles ({speed['flash_us_per_tile']:.0f} us per tile), while "
         "SDPA runs the same tiling in compiled C++"
     )

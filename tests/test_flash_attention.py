@@ -574,4 +574,4 @@ def test_quick_run_writes_its_figures_and_results(run_main):
     assert r["memory"]["ratio_naive_vs_flash"] > 1
     for c in r["claims"].values():
         assert isinstance(c["held"], bool) and c["statement"]
-    assert "goal" not in run.stdout.lower()
+    assert "goal" not in run.stdout.lower() and "issue" not in run.stdout.lower()
