@@ -32,6 +32,7 @@ SCRIPTS = [
     "swiglu",
     "grouped_query_attention",
     "multihead_latent_attention",
+    "flash_attention",
     "tokenization",
 ]
 SHARED_FLAGS = ["--quick", "--out", "--no-show", "--device", "--seed"]
@@ -41,6 +42,7 @@ HEADLINE = {
     "swiglu": "SwiGLUFeedForward",
     "grouped_query_attention": "GroupedQueryAttention",
     "multihead_latent_attention": "MultiHeadLatentAttention",
+    "flash_attention": "flash_attention_forward",
     "tokenization": "BPETokenizer",
 }
 SECTIONS = ["Core", "Baselines and apparatus", "Experiments", "Figures", "Main", "Plumbing"]
