@@ -4,12 +4,13 @@ The problem
 -----------
 A language model reads integers, not text. Characters are too many (Unicode has ~150,000) and
 too short (a model would spend its context on single letters); whole words leave every new word
-unknown. GPT-2 and every model since use byte-level byte pair encoding (BPE): start from the 256
-byte values, so every string encodes and nothing is ever unknown, then learn merges of frequent
-neighbours until the vocabulary has the size you want. Three things make BPE confusing in
-practice: training is slow when written the obvious way (recount every pair after every merge),
-the tie-break between equally frequent pairs is undocumented, so two trainers on the same text
-learn different vocabularies, and the encoder does not replay the training merges: it merges the
+unknown. GPT-2 and many models since (GPT-3/4, Llama 3, Qwen, Mistral's Tekken) use byte-level
+byte pair encoding (BPE): start from the 256 byte values, so every string encodes and nothing is
+ever unknown, then learn merges of frequent neighbours until the vocabulary has the size you
+want. Three things make BPE confusing in practice: training is slow when written the obvious way
+(recount every pair after every merge), the tie-break between equally frequent pairs is
+implicit in each trainer's code, not documented, so two trainers on the same text learn
+different vocabularies, and the encoder does not replay the training merges: it merges the
 pair whose *concatenated bytes* have the lowest rank.
 
 The idea
@@ -18,10 +19,10 @@ The idea
    space, runs of digits, punctuation, whitespace). Merges never cross a chunk boundary, so no
    token glues "the" to the next word. GPT-2's pattern (r50k_base) and GPT-4's (cl100k_base:
    case-insensitive contractions, digits in groups of at most 3, newlines kept apart) are here.
-2. Train on distinct chunks: the text's ~100,000 chunks are only ~7,000 different ones. Count
-   each once, weighted by how often it occurs. After a merge, update only the counts of the
-   chunks that held the merged pair (an index pair -> chunks says which), and keep the pairs in
-   a heap ordered by (count, first occurrence), with lazy updates.
+2. Train on distinct chunks: the text's about 92,000 chunks are only about 6,300 different
+   ones. Count each once, weighted by how often it occurs. After a merge, update only the counts
+   of the chunks that held the merged pair (an index pair -> chunks says which), and keep the
+   pairs in a heap ordered by (count, first occurrence), with lazy updates.
 3. Encode like tiktoken: within each chunk, repeatedly merge the adjacent pair whose
    concatenation has the lowest rank, until no adjacent pair is a token. A per-chunk cache
    makes a word seen once free the next time.
@@ -36,11 +37,13 @@ A chunk c with frequency f_c is a list of token ids t_c,1 .. t_c,L. Training rep
         replace (a, b) by it in every chunk, left to right, never overlapping
     (3) first occurrence of (a, b) = (index of the first chunk holding it, byte offset there)
 
-The tie-break in (2) is the one of ``tiktoken._educational.bpe_train``, which builds a
-``collections.Counter`` in text order and takes ``max``: among equal counts, the pair it met
-first. With it our ranks are identical to bpe_train's (tested). Hugging Face ``tokenizers``'
-BpeTrainer breaks ties by the smaller pair of token ids instead, so it learns the same merges in
-a different order from the first tie on (the script prints where and why).
+The tie-break in (2) is implicit in ``tiktoken._educational.bpe_train``, not a documented rule:
+it fills a ``collections.Counter`` in text order and takes ``max``, which keeps the first of
+equal maxima, so among equal counts the pair met first in the text wins. We reproduce that, and
+our ranks are identical to bpe_train's (tested). Hugging Face ``tokenizers``' BpeTrainer breaks
+ties by the smaller pair of its own token ids instead, so it learns mostly the same merges (the
+share is in results.json) in another order, from the first tie the two rules break differently
+(the script prints where and why).
 
 Encoding chunk bytes x_1 .. x_n, as tiktoken does::
 
@@ -48,22 +51,26 @@ Encoding chunk bytes x_1 .. x_n, as tiktoken does::
             merge the one with the lowest rank (the leftmost among equal ranks)
 
 A chunk that is itself a token is that token (tiktoken's shortcut). Ranks are looked up by
-bytes, so a token that two different pairs spell is one token: if training meets a second pair
-that spells an existing token, the token keeps its first rank (bpe_train would give the same
-bytes a second rank that collides with the next token's).
+bytes, so a token that two different pairs spell would be one token: if training met a second
+pair spelling an existing token, the token would keep its first rank (bpe_train would move it to
+a new rank, leaving its old rank empty, and give the next new token that same new rank). We have
+never seen this happen (not on the corpus, nor in a random search of 100,000 small texts over
+"abc"), so the guard in ``learn_merges`` is untested.
 
 Where it is used
 ----------------
 Byte-level BPE: GPT-2, GPT-3 and GPT-4 (tiktoken's r50k_base and cl100k_base), Llama 3
-(tiktoken, 128K tokens), Mistral's and Qwen's tokenizers. SentencePiece BPE (Llama 1-2) works on
-characters with a byte fallback instead. ``training.py``, next in the learning path, reads the
-tokenizer the default run writes (``tokenizer.tiktoken``: 4096 ranks, GPT-4's pattern,
-``<|endoftext|>`` = 4096) with ``BPETokenizer.load`` (or ``tiktoken.load.load_tiktoken_bpe``).
+(tiktoken, 128K tokens), Qwen, and Mistral's Tekken (tiktoken-style). SentencePiece works on
+characters instead: BPE with a byte fallback in Llama 1-2, Mistral 7B, Mixtral and Gemma, a
+unigram model in T5. The default run writes ``figures/tokenization/tokenizer.tiktoken`` (4096
+ranks, GPT-4's pattern, ``<|endoftext|>`` = 4096); ``training.py``, next in the learning path,
+reads the committed copy, ``docs/figures/tokenization/tokenizer.tiktoken``, with
+``BPETokenizer.load`` (``tiktoken.load.load_tiktoken_bpe`` reads it too).
 
 Run it
 ------
-    uv run python tokenization.py                  # default run (about a minute on a 2-core CPU)
-    uv run python tokenization.py --quick          # small sizes, a few seconds
+    uv run python tokenization.py                  # default run
+    uv run python tokenization.py --quick          # small sizes
     uv run python tokenization.py --text FILE      # train on your own text instead
     uv run python tokenization.py --vocab-size 8192 --out DIR --no-show
 
@@ -292,6 +299,8 @@ class BPETokenizer:
     ``mergeable_ranks`` maps token bytes to ranks ``0 .. n-1`` and holds all 256 single bytes
     (default: only them); ``special_tokens`` maps names to ids after the ranks (default:
     ``<|endoftext|>`` = n). ``train`` learns the ranks; ``save``/``load`` use tiktoken's file.
+    ``mergeable_ranks`` is read-only: the decoder and the chunk cache are built from it, so a
+    change in place would leave them stale; build a new tokenizer instead.
 
     >>> tok = BPETokenizer.train("low lower lowest " * 20, vocab_size=260, pattern=GPT2_PATTERN)
     >>> [tok.decode([i]) for i in range(256, 260)]
@@ -381,7 +390,8 @@ class BPETokenizer:
         _check_str("text", text)
         try:
             text.encode("utf-8")
-        except UnicodeEncodeError:  # lone surrogates: replaced by U+FFFD, as tiktoken does
+        except UnicodeEncodeError:  # lone surrogates (half of a UTF-16 pair, not encodable as
+            # UTF-8) become U+FFFD, the replacement character, as in tiktoken
             text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
         ids, cache = [], self._cache
         for piece in self._regex.findall(text):
@@ -446,17 +456,42 @@ class BPETokenizer:
         pattern: str = GPT4_PATTERN,
         special_tokens: dict[str, int] | None = None,
     ) -> BPETokenizer:
-        """Read a tiktoken ranks file (``save``'s, or tiktoken's own ``.tiktoken`` files)."""
+        """Read a tiktoken ranks file (``save``'s, or tiktoken's own ``.tiktoken`` files).
+        Empty lines are skipped, as ``tiktoken.load.load_tiktoken_bpe`` skips them."""
+        if not isinstance(path, str | os.PathLike):
+            raise TypeError(f"path ({path!r}) must be a str or a path")
         ranks = {}
         for n, line in enumerate(Path(path).read_bytes().splitlines(), start=1):
+            if not line:  # as tiktoken: only empty lines (a line of spaces is an error)
+                continue
+            fields = line.decode("utf-8", errors="replace").split()
+            if len(fields) != 2:
+                raise ValueError(
+                    f"path ({path}) line {n} has {len(fields)} fields, not 'base64-token rank': "
+                    f"{line[:40]!r}"
+                )
+            token, rank = fields
             try:
-                token, rank = line.split()
-                ranks[base64.b64decode(token, validate=True)] = int(rank)
+                token_bytes = base64.b64decode(token, validate=True)
             except ValueError:
                 raise ValueError(
-                    f"path ({path}) line {n} is not 'base64 rank': {line[:40]!r}"
+                    f"path ({path}) line {n}: token {token[:40]!r} is not base64"
                 ) from None
-        return cls(ranks, pattern, special_tokens)
+            if not rank.isdigit():
+                raise ValueError(
+                    f"path ({path}) line {n}: rank {rank[:40]!r} of token {token[:40]!r} is not "
+                    f"an integer >= 0"
+                )
+            if token_bytes in ranks:
+                raise ValueError(
+                    f"path ({path}) line {n}: token {token[:40]!r} (rank {int(rank)}) already has "
+                    f"rank {ranks[token_bytes]}"
+                )
+            ranks[token_bytes] = int(rank)
+        try:
+            return cls(ranks, pattern, special_tokens)
+        except ValueError as err:
+            raise ValueError(f"path ({path}): {err}") from None
 
 
 def tiktoken_file_bytes(mergeable_ranks: dict[bytes, int]) -> bytes:
@@ -481,7 +516,8 @@ PATTERN_LABELS = {
 HELDOUT_EVERY = 10  # every 10th topic (or paragraph), starting with the first, is held out
 
 # Strings a tokenizer gets wrong first: emoji (with skin tone and flag sequences), CJK, combining
-# marks, long whitespace runs, digit runs, lone surrogates (replaced by U+FFFD), control bytes.
+# marks, long whitespace runs, digit runs, lone surrogates (halves of a UTF-16 pair, which UTF-8
+# cannot encode: replaced by U+FFFD, the replacement character), control bytes.
 ADVERSARIAL = [
     "Hello 👋🏽 world 🇺🇸! 🧑‍💻",
     "日本語のテキストと中文字符，한국어",
@@ -510,8 +546,8 @@ def naive_train(text: str, vocab_size: int, pattern: str, dedup: bool = False) -
     _check_vocab_size(vocab_size)
     if not isinstance(dedup, bool):
         raise TypeError(f"dedup ({dedup!r}) must be a bool")
-    chunks = count_chunks(text, pattern)
-    if dedup:
+    if dedup:  # pre-tokenize once, as the other branch does: the speed-up compares merging only
+        chunks = count_chunks(text, pattern)
         words, weights = [list(c) for c in chunks], list(chunks.values())
     else:
         words, weights = [list(p.encode("utf-8")) for p in regex.findall(pattern, text)], None
@@ -811,12 +847,21 @@ def explain_hf_divergence(text: str, vocab_size: int, pattern: str) -> dict | No
     a, b = describe(mine[k]), describe(theirs[k])
     label = lambda d: "+".join(repr(p) for p in d["pair"])  # noqa: E731
     if a["count"] == b["count"]:
+        ids_a, ids_b = tuple(a["hf_ids"]), tuple(b["hf_ids"])
+        if None in ids_a + ids_b:
+            hf_rule = f"HF's token ids {ids_b} and {ids_a} are not all known"
+        elif ids_b < ids_a:
+            hf_rule = f"HF takes the smaller pair of its token ids ({ids_b} < {ids_a})"
+        else:
+            hf_rule = (
+                f"HF's pair does not have the smaller token ids ({ids_b} vs {ids_a}): "
+                f"its ordering is not the one this sentence assumes"
+            )
         why = (
             f"a tie: {label(a)} and {label(b)} both occur {a['count']} times. Ours (like "
             f"bpe_train) takes the pair met first in the text ({label(a)} in chunk "
             f"#{a['first_chunk_index']} {a['first_chunk']!r}, the other in chunk "
-            f"#{b['first_chunk_index']}); HF takes the smaller pair of its token ids "
-            f"({tuple(b['hf_ids'])} < {tuple(a['hf_ids'])})"
+            f"#{b['first_chunk_index']}); {hf_rule}"
         )
     else:
         why = f"the counts differ ({a['count']} vs {b['count']}): the trainers count differently"
@@ -1083,7 +1128,7 @@ def tokenization_claims(
     crossing = b["lines"]["count"]
     patterned = b["gpt2"]["count"] + b["gpt4"]["count"]
     claims["pattern_prevents_boundary_merges"] = claim(
-        f"without a pattern, {crossing} of {compression['boundary_vocab_size']} learned tokens "
+        f"without a pattern, {crossing} of {compression['boundary_vocab_size']} tokens "
         f"cross a word, space or digit boundary; with GPT-2's or GPT-4's pattern, {patterned}",
         crossing > 0 and patterned == 0,
         without_pattern=crossing,
@@ -1093,7 +1138,7 @@ def tokenization_claims(
     rises = all(y > x for x, y in pairwise(g4))
     claims["compression_rises_with_vocab"] = claim(
         f"held-out bytes per token {'rise' if rises else 'do not rise steadily'} with the "
-        f"vocabulary: {g4[0]:.2f} at 256 to {g4[-1]:.2f} at "
+        f"vocabulary: {g4[0]:.2f} at {compression['vocab_sizes'][0]} to {g4[-1]:.2f} at "
         f"{compression['vocab_sizes'][len(g4) - 1]} (GPT-4 pattern)",
         rises,
     )
@@ -1211,7 +1256,7 @@ def plot_token_lengths(tok: BPETokenizer, heldout: str) -> plt.Figure:
     ax.set_title(
         f"{len(tok.mergeable_ranks)}-token vocabulary: entries average {mean_vocab:.1f} bytes, "
         f"tokens in use {mean_used:.1f}"
-        + (" (the text uses short tokens most)" if mean_used < mean_vocab else ""),
+        + (" (tokens in use are shorter on average)" if mean_used < mean_vocab else ""),
         fontsize=10,
     )
     ax.legend()

@@ -73,21 +73,16 @@ def test_ranks_equal_tiktoken_educational_bpe_train(pattern):
 @settings(max_examples=40, deadline=None)
 @given(text=st.text(alphabet="ab c1'\n", min_size=1, max_size=80), extra=st.integers(1, 24))
 def test_ranks_equal_bpe_train_on_tie_heavy_texts(text, extra):
-    """A four-letter alphabet makes ties at every step: the tie-break must match exactly."""
+    """A seven-symbol alphabet makes ties at every step: the tie-break must match exactly."""
     from tiktoken._educational import bpe_train
 
     ours = BPETokenizer.train(text, 256 + extra, GPT2_PATTERN).mergeable_ranks
     assert ours == naive_train(text, 256 + extra, GPT2_PATTERN)
     assert ours == naive_train(text, 256 + extra, GPT2_PATTERN, dedup=True)
     # bpe_train fails (max of nothing) past the last possible merge: ask for what ours reached
-    ref = bpe_train(text, len(ours), GPT2_PATTERN, visualise=None)
-    # bpe_train gives bytes that a second pair spells a new rank (shared with the next token):
-    # the tables agree up to that merge, and everywhere when it does not happen
-    values = sorted(ref.values())
-    cut = next((i for i, v in enumerate(values) if v != i), len(values))
-    assert {t: r for t, r in ours.items() if r < cut} == {t: r for t, r in ref.items() if r < cut}
-    if cut == len(values):
-        assert ours == ref
+    # (a second pair spelling an existing token, where bpe_train would move it to a new rank,
+    # was never observed: see the module docstring)
+    assert ours == bpe_train(text, len(ours), GPT2_PATTERN, visualise=None)
 
 
 def test_incremental_equals_naive_on_real_text():
@@ -142,6 +137,14 @@ def test_the_pattern_prevents_merges_across_words_spaces_and_digits():
 
 
 # ----------------------------------------------------------------------------- encode, decode
+
+
+def test_encode_equals_hf_tokenizers_built_from_our_merges():
+    tok = small_tokenizer()
+    heldout = corpus()["heldout"]
+    hf = tokenization.hf_from_ranks(tok)
+    assert hf.encode(heldout).ids == tok.encode(heldout)
+    assert hf.decode(tok.encode(heldout)) == heldout
 
 
 def test_encode_equals_tiktoken_on_heldout_and_adversarial_strings():
@@ -328,11 +331,33 @@ def test_constructor_rules(kwargs, name):
 def test_load_refuses_a_file_that_is_not_tiktokens_format(tmp_path):
     path = tmp_path / "bad.tiktoken"
     path.write_text("not base64 at all\n")
-    with pytest.raises(ValueError, match="path"):
+    with pytest.raises(ValueError, match=r"bad.tiktoken\) line 1 has 4 fields"):
+        BPETokenizer.load(path)
+    path.write_text("A%A= 0\n")
+    with pytest.raises(ValueError, match=r"line 1: token 'A%A=' is not base64"):
+        BPETokenizer.load(path)
+    path.write_text("AA== x1\n")
+    with pytest.raises(ValueError, match=r"line 1: rank 'x1' of token 'AA==' is not an integer"):
+        BPETokenizer.load(path)
+    path.write_text("AA== 0\nAA== 1\n")
+    with pytest.raises(ValueError, match=r"line 2: token 'AA==' \(rank 1\) already has rank 0"):
         BPETokenizer.load(path)
     path.write_text("AA== 5\n")  # a rank with a gap
-    with pytest.raises(ValueError, match="mergeable_ranks"):
+    with pytest.raises(ValueError, match=r"bad.tiktoken\): mergeable_ranks"):
         BPETokenizer.load(path)
+    with pytest.raises(TypeError, match="path"):
+        BPETokenizer.load(None)
+
+
+def test_load_skips_empty_lines_as_tiktoken_does(tmp_path):
+    import tiktoken.load
+
+    tok = small_tokenizer()
+    path = tmp_path / "tokenizer.tiktoken"
+    lines = tokenization.tiktoken_file_bytes(tok.mergeable_ranks).splitlines(keepends=True)
+    path.write_bytes(b"\n" + b"".join(lines[:10]) + b"\n\n" + b"".join(lines[10:]) + b"\n")
+    assert tiktoken.load.load_tiktoken_bpe(str(path)) == tok.mergeable_ranks
+    assert BPETokenizer.load(path).mergeable_ranks == tok.mergeable_ranks
 
 
 @pytest.mark.parametrize(
@@ -449,7 +474,8 @@ def test_claims_wording_follows_contrary_numbers():
     assert "did not show 10x" in text["speedup_vs_naive"] and "4.0-20.0" in text["speedup_vs_naive"]
     assert "not within 10x" in text["encode_speed"]
     assert "do not rise" in text["compression_rises_with_vocab"]
-    assert "held" in claims["train_time"] and "goal" not in " ".join(text.values())
+    assert claims["train_time"]["held"] is False
+    assert text["train_time"].endswith("took 14.00 s (median of 3, 14.00-14.00 s): over 10 s")
 
 
 def test_titles_follow_the_numbers():
@@ -508,6 +534,7 @@ def test_quick_run_writes_figures_results_and_the_tokenizer(run_main):
         "compression_rises_with_vocab",
     ):
         assert r["claims"][name]["held"], r["claims"][name]
+    assert r["parity"]["hf_tokenizers"]["heldout_identical"] is True
     ranks = tiktoken.load.load_tiktoken_bpe(str(run.out_dir / "tokenizer.tiktoken"))
     assert len(ranks) == r["tokenizer"]["vocab_size"] == 4096
     assert r["training"]["ranks_identical"]["identical"] == [True] * len(
