@@ -101,8 +101,10 @@ Contents
 3. Baselines and apparatus: ``naive_train`` (recount everything), ``LINES_PATTERN`` (the trainer
    without a pattern), ``ADVERSARIAL`` strings, ``load_corpus`` and ``split_text``, ``prefix``
    (a smaller vocabulary), the bridges to tiktoken and HF ``tokenizers`` (``tiktoken_encoding``,
-   ``hf_from_ranks``, ``hf_train``), ``time_call_s``.
-4. Experiments: ``check_parity``, ``explain_hf_divergence``, ``benchmark_training``,
+   ``hf_from_ranks``, ``hf_train``), ``naive_scan_tokens`` and ``estimate_naive_time`` (the
+   naive trainer's time at a size too slow to run), ``time_call_s``.
+4. Experiments: ``check_parity``, ``divergence_why``, ``explain_hf_divergence``,
+   ``benchmark_training``,
    ``benchmark_encode``, ``boundary_tokens``, ``measure_compression``, the figure titles and
    ``tokenization_claims``.
 5. Figures: ``plot_compression``, ``plot_sentence_splits``, ``plot_token_lengths``,
@@ -460,33 +462,23 @@ class BPETokenizer:
         Empty lines are skipped, as ``tiktoken.load.load_tiktoken_bpe`` skips them."""
         if not isinstance(path, str | os.PathLike):
             raise TypeError(f"path ({path!r}) must be a str or a path")
-        ranks = {}
+        ranks: dict[bytes, int] = {}
         for n, line in enumerate(Path(path).read_bytes().splitlines(), start=1):
             if not line:  # as tiktoken: only empty lines (a line of spaces is an error)
                 continue
-            fields = line.decode("utf-8", errors="replace").split()
+            fields, where = (
+                line.decode("utf-8", errors="replace").split(),
+                f"path ({path}) line {n}",
+            )
             if len(fields) != 2:
-                raise ValueError(
-                    f"path ({path}) line {n} has {len(fields)} fields, not 'base64-token rank': "
-                    f"{line[:40]!r}"
-                )
+                raise ValueError(f"{where} has {len(fields)} fields, not 'base64-token rank'")
             token, rank = fields
             try:
                 token_bytes = base64.b64decode(token, validate=True)
             except ValueError:
-                raise ValueError(
-                    f"path ({path}) line {n}: token {token[:40]!r} is not base64"
-                ) from None
+                raise ValueError(f"{where}: token {token[:40]!r} is not base64") from None
             if not rank.isdigit():
-                raise ValueError(
-                    f"path ({path}) line {n}: rank {rank[:40]!r} of token {token[:40]!r} is not "
-                    f"an integer >= 0"
-                )
-            if token_bytes in ranks:
-                raise ValueError(
-                    f"path ({path}) line {n}: token {token[:40]!r} (rank {int(rank)}) already has "
-                    f"rank {ranks[token_bytes]}"
-                )
+                raise ValueError(f"{where}: rank {rank[:40]!r} of token {token!r} is not an int")
             ranks[token_bytes] = int(rank)
         try:
             return cls(ranks, pattern, special_tokens)
@@ -693,6 +685,52 @@ def hf_train(text: str, vocab_size: int, pattern: str) -> dict | None:
     }
 
 
+def naive_scan_tokens(text: str, tok: BPETokenizer, vocab_sizes: list[int]) -> list[int]:
+    """Tokens the naive trainer rescans when its vocabulary has v entries, for each v: every
+    chunk of ``text`` (with repeats) as the first v ranks encode it (a prefix tokenizer)."""
+    chunks = count_chunks(text, tok.pattern)
+    out = []
+    for v in vocab_sizes:
+        small = prefix(tok, v)
+        out.append(sum(f * len(small._encode_chunk(c)) for c, f in chunks.items()))
+    return out
+
+
+def estimate_naive_time(
+    text: str, tok: BPETokenizer, vocab_size: int, sizes: list[int], seconds: list[list[float]]
+) -> dict:
+    """Estimate (not a measurement) of the naive trainer's seconds to ``vocab_size``: its cost
+    per merge is one rescan of every token, and tokens get fewer as they merge. Per round, the
+    slope between the naive times measured at the smallest and largest of ``sizes`` gives the
+    seconds per rescanned token; times the tokens rescanned from there to ``vocab_size``
+    (``naive_scan_tokens`` on a grid of sizes, summed over merges by the trapezoid rule)."""
+    lo, hi = min(sizes), max(sizes)
+    step = max((vocab_size - 256) // 32, 1)
+    grid = sorted({*range(256, vocab_size, step), vocab_size, *sizes})
+    tokens = naive_scan_tokens(text, tok, grid)
+    scanned = [0.0]  # scanned[i]: tokens rescanned by the merges from 256 to grid[i]
+    for (u, n), (w, m) in pairwise(zip(grid, tokens, strict=True)):
+        scanned.append(scanned[-1] + (w - u) * (n + m) / 2)
+    at = dict(zip(grid, scanned, strict=True))
+    t_lo, t_hi = seconds[sizes.index(lo)], seconds[sizes.index(hi)]
+    per_token = [(b - a) / (at[hi] - at[lo]) for a, b in zip(t_lo, t_hi, strict=True)]
+    estimates = [b + c * (at[vocab_size] - at[hi]) for b, c in zip(t_hi, per_token, strict=True)]
+    return {
+        "vocab_size": vocab_size,
+        "estimated": True,
+        "method": (
+            f"estimate, not measured: seconds per rescanned token from the slope of the measured "
+            f"naive times between {lo} and {hi} tokens (per round), times the tokens rescanned "
+            f"from {hi} to {vocab_size} (counted with prefix tokenizers at {len(grid)} sizes)"
+        ),
+        "valid": statistics.median(per_token) > 0,
+        "seconds_per_token": _median_spread(per_token),
+        "tokens_rescanned": at[vocab_size],
+        "tokens_per_scan": {"vocab_sizes": grid, "tokens": tokens},
+        **_median_spread(estimates),
+    }
+
+
 def time_call_s(fn) -> tuple[float, object]:
     """Seconds for one call of ``fn``, and what it returned. For the trainers (0.1 s to many s
     of pure Python, no device) one call is a measurement: torch's Timer, which repeats and warms
@@ -815,6 +853,32 @@ def pair_stats_after(text: str, pattern: str, merges: list[tuple]) -> tuple[dict
     return counts, first, list(chunks)
 
 
+def divergence_why(a: dict, b: dict) -> str:
+    """Why ours took pair ``a`` and HF pair ``b`` at the first merge where they differ, worded
+    from the numbers: the counts, the first chunks, and the comparison of HF's token ids."""
+    label = lambda d: "+".join(repr(p) for p in d["pair"])  # noqa: E731
+    if a["count"] == b["count"]:
+        ids_a, ids_b = tuple(a["hf_ids"]), tuple(b["hf_ids"])
+        if None in ids_a + ids_b:
+            hf_rule = f"HF's token ids {ids_b} and {ids_a} are not all known"
+        elif ids_b < ids_a:
+            hf_rule = f"HF takes the smaller pair of its token ids ({ids_b} < {ids_a})"
+        else:
+            hf_rule = (
+                f"HF's pair does not have the smaller token ids ({ids_b} vs {ids_a}), so that "
+                f"rule does not explain its choice"
+            )
+        why = (
+            f"a tie: {label(a)} and {label(b)} both occur {a['count']} times. Ours (like "
+            f"bpe_train) takes the pair met first in the text ({label(a)} in chunk "
+            f"#{a['first_chunk_index']} {a['first_chunk']!r}, the other in chunk "
+            f"#{b['first_chunk_index']}); {hf_rule}"
+        )
+    else:
+        why = f"the counts differ ({a['count']} vs {b['count']}): the trainers count differently"
+    return why
+
+
 def explain_hf_divergence(text: str, vocab_size: int, pattern: str) -> dict | None:
     """Train ours and HF's BpeTrainer on the same text; find the first merge where their orders
     differ and say why from the counts and each trainer's tie-break. None without HF."""
@@ -845,26 +909,7 @@ def explain_hf_divergence(text: str, vocab_size: int, pattern: str) -> dict | No
         }
 
     a, b = describe(mine[k]), describe(theirs[k])
-    label = lambda d: "+".join(repr(p) for p in d["pair"])  # noqa: E731
-    if a["count"] == b["count"]:
-        ids_a, ids_b = tuple(a["hf_ids"]), tuple(b["hf_ids"])
-        if None in ids_a + ids_b:
-            hf_rule = f"HF's token ids {ids_b} and {ids_a} are not all known"
-        elif ids_b < ids_a:
-            hf_rule = f"HF takes the smaller pair of its token ids ({ids_b} < {ids_a})"
-        else:
-            hf_rule = (
-                f"HF's pair does not have the smaller token ids ({ids_b} vs {ids_a}): "
-                f"its ordering is not the one this sentence assumes"
-            )
-        why = (
-            f"a tie: {label(a)} and {label(b)} both occur {a['count']} times. Ours (like "
-            f"bpe_train) takes the pair met first in the text ({label(a)} in chunk "
-            f"#{a['first_chunk_index']} {a['first_chunk']!r}, the other in chunk "
-            f"#{b['first_chunk_index']}); {hf_rule}"
-        )
-    else:
-        why = f"the counts differ ({a['count']} vs {b['count']}): the trainers count differently"
+    why = divergence_why(a, b)
     return {
         **out,
         "diverges": True,
@@ -900,8 +945,10 @@ def benchmark_training(
     }
     times = {name: {v: [] for v in sizes[name]} for name in trainers}
     identical = {v: True for v in naive_vocab_sizes}
+    split_s = []  # the regex split alone: the floor under the incremental trainer's times
     for r in range(rounds):
         start = time.perf_counter()
+        split_s.append(time_call_s(functools.partial(count_chunks, text, pattern))[0])
         ranks: dict[int, list] = collections.defaultdict(list)
         for name, train in trainers.items():
             for v in sizes[name]:
@@ -922,16 +969,22 @@ def benchmark_training(
     for name in ("naive", "naive_dedup"):
         ratios = [n / i for n, i in zip(times[name][v], times["incremental"][v], strict=True)]
         out[f"speedup_vs_{name}"] = {"vocab_size": v, **_median_spread(ratios)}
-    # An estimate, not a measurement: the naive trainer's time per merge at its largest size,
-    # times the merges of the largest incremental size (its cost per merge barely falls).
-    per_merge = statistics.median(times["naive"][v]) / (v - 256)
+        s = out[f"speedup_vs_{name}"]
+        s["phrase"] = (
+            f"{s['median']:.1f}x faster" if s["median"] >= 1 else (f"{1 / s['median']:.1f}x slower")
+        )
     big = max(vocab_sizes)
-    out["naive_estimate"] = {
-        "vocab_size": big,
-        "seconds": per_merge * (big - 256),
-        "minutes": per_merge * (big - 256) / 60,
-        "speedup": per_merge * (big - 256) / statistics.median(times["incremental"][big]),
-    }
+    est = estimate_naive_time(
+        text,
+        BPETokenizer.train(text, big, pattern),
+        big,
+        naive_vocab_sizes,
+        [times["naive"][u] for u in naive_vocab_sizes],
+    )
+    est["minutes"] = est["median"] / 60
+    est["speedup"] = est["median"] / statistics.median(times["incremental"][big])
+    out["naive_estimate"] = est
+    out["split"] = _median_spread(split_s)
     out["ranks_identical"] = {
         "vocab_sizes": naive_vocab_sizes,
         "identical": [identical[v] for v in naive_vocab_sizes],
@@ -1282,12 +1335,24 @@ def plot_training_time(training: dict) -> plt.Figure:
         merges = [v - 256 for v in t["vocab_sizes"]]
         ax.errorbar(merges, med, yerr=err, fmt="o-", capsize=3, label=labels[name])
     naive, est = training["naive"], training["naive_estimate"]
-    ax.plot(
-        [naive["vocab_sizes"][-1] - 256, est["vocab_size"] - 256],
-        [naive["median_s"][-1], est["seconds"]],
-        ":",
-        color="C0",
-        label=f"naive, estimated: {est['seconds'] / 60:.0f} min for {est['vocab_size']} tokens",
+    if est["valid"]:  # the estimate, drawn as its own dotted line, never as a measurement
+        ax.plot(
+            [naive["vocab_sizes"][-1] - 256, est["vocab_size"] - 256],
+            [naive["median_s"][-1], est["median"]],
+            ":",
+            color="C0",
+            label=f"naive, estimated (not measured): {est['minutes']:.1f} min for "
+            f"{est['vocab_size']} tokens\n(slope per rescanned token x tokens rescanned)",
+        )
+    split = training["split"]["median"]
+    ax.axhline(split, color="0.5", lw=0.8, ls="--")
+    ax.text(
+        1,
+        split,
+        f"regex split alone: {split:.2f} s (the incremental floor)",
+        color="0.4",
+        fontsize=8,
+        va="bottom",
     )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -1477,11 +1542,20 @@ def print_training(training: dict) -> None:
             f"  incremental vs {name} at {s['vocab_size']}: {s['median']:.1f}x "
             f"({s['min']:.1f}-{s['max']:.1f}x)"
         )
-    e = training["naive_estimate"]
+    sp = training["split"]
     print(
-        f"  estimate (time per merge x merges, not measured): naive would take "
-        f"{e['seconds'] / 60:.1f} min for {e['vocab_size']} tokens, {e['speedup']:.0f}x longer"
+        f"  the regex split alone (count_chunks): {sp['median']:.2f} s "
+        f"({sp['min']:.2f}-{sp['max']:.2f}), the floor under the incremental times"
     )
+    e = training["naive_estimate"]
+    if e["valid"]:
+        print(
+            f"  naive would take about {e['minutes']:.1f} min for {e['vocab_size']} tokens "
+            f"({e['min'] / 60:.1f}-{e['max'] / 60:.1f} over rounds), {e['speedup']:.0f}x the "
+            f"incremental time; {e['method']}"
+        )
+    else:
+        print(f"  no naive estimate: the measured naive times did not grow ({e['method']})")
     r = training["ranks_identical"]
     print(f"  the three trainers learn identical ranks at {r['vocab_sizes']}: {r['identical']}")
 
