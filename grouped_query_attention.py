@@ -788,19 +788,33 @@ class MatmulFlopCounter(TorchDispatchMode):
     """Count the FLOPs of every matrix multiply that actually runs (2 per multiply-add).
 
     Attention's FLOPs are its two batched matmuls, q.k^T and probs.v; softmax and scaling are
-    O(T) per head and left out, as in formula (5). (``torch.utils.flop_counter.FlopCounterMode``
-    counts every operator the same way; this one shows the whole rule in three lines.)
+    O(T) per head and left out, as in formula (5). ``mm``/``bmm`` and their bias-adding forms
+    ``addmm``/``baddbmm`` (a Linear with bias) are counted; a composite operator that reaches
+    the mode whole (``matmul`` under ``inference_mode``) is split into the ATen calls it makes,
+    so no multiply escapes. ``torch.utils.flop_counter.FlopCounterMode`` counts the same way
+    (tested equal); this one shows the whole rule.
     """
+
+    MATMULS = {  # operator -> position of the (.., m, k) operand among its arguments
+        torch.ops.aten.mm: 0,  # (a, b)
+        torch.ops.aten.bmm: 0,
+        torch.ops.aten.addmm: 1,  # (bias, a, b)
+        torch.ops.aten.baddbmm: 1,
+    }
 
     def __init__(self) -> None:
         super().__init__()
         self.flops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.bmm):
-            self.flops += 2 * out.numel() * args[0].shape[-1]  # (.., m, k) @ (.., k, n)
-        return out
+        kwargs = kwargs or {}
+        if func.overloadpacket in self.MATMULS:
+            out = func(*args, **kwargs)  # (.., m, k) @ (.., k, n) -> (.., m, n)
+            self.flops += 2 * out.numel() * args[self.MATMULS[func.overloadpacket]].shape[-1]
+            return out
+        with self:  # a composite operator: run its decomposition, which comes back here
+            out = func.decompose(*args, **kwargs)
+        return func(*args, **kwargs) if out is NotImplemented else out
 
 
 def measure_allocations(fn) -> dict:
