@@ -264,6 +264,7 @@ def test_mha_to_gqa_mean_pools_each_group_and_is_lossy_on_random_weights():
     assert_close(out.k_proj.weight[8:16], (w[16:24] + w[24:32]) / 2, **TOL)
     assert_close(out.v_proj.bias[:8], mha.v_proj.bias.view(4, 8)[:2].mean(0), **TOL)
     assert_close(out.q_proj.weight, mha.q_proj.weight, **EXACT)
+    assert out.sharing == "grouped" and mha_to_gqa(layer(sharing="sdpa"), 1).sharing == "sdpa"
     x = torch.randn(2, 7, 32)
     with torch.no_grad():
         y = mha(x)
@@ -441,7 +442,34 @@ def test_titles_follow_the_numbers():
     assert "GQA 2.00x slower than MHA" in contrary and "MQA not measurably faster" in contrary
     time_title, memory_title = gqa.gqa_sharing_methods_titles(2048, [0.8, 1.3], 100, 100)
     assert "not measurably faster" in time_title and "x the copy-free" not in memory_title
-    assert "allocates 8x" in gqa.gqa_sharing_methods_titles(2048, [2.0, 3.0], 2**20, 8 * 2**20)[1]
+    assert "allocates 8.0x" in gqa.gqa_sharing_methods_titles(2048, [2.0, 3.0], 2**20, 8 * 2**20)[1]
+    assert "allocates 2.5x" in gqa.gqa_sharing_methods_titles(2048, [2.0], 2**20, 5 * 2**19)[1]
+    close = gqa.gqa_sharing_methods_titles(2048, [2.0], 100 * 2**10, 105 * 2**10)[1]
+    assert "x the copy-free" not in close and "105.0 KiB" in close  # no rounded "1x"
+
+
+def decode_for_note(gqa_core_ms: float) -> dict:
+    """The numbers step_vs_cache_note reads: MHA's core streams 8 KV heads in 8 ms."""
+
+    def cfg(n_kv: int, core_ms: float) -> dict:
+        return {
+            "n_kv_heads": n_kv,
+            "bytes_read_per_step": [n_kv * 2**20],
+            "core_ms_at_longest": {"grouped": core_ms},
+            "core_gb_per_s_at_longest": {"grouped": 10.0},
+            "core_flops_at_longest": 4e6,
+        }
+
+    configs = {"MHA": cfg(8, 8.0), "GQA": cfg(2, gqa_core_ms), "MQA": cfg(1, 1.5)}
+    return {"d_model": 64, "n_heads": 8, "head_dim": 8, "configs": configs}
+
+
+def test_step_vs_cache_note_follows_the_core_times():
+    # GQA's 2 of 8 KV heads at MHA's bandwidth: 8 ms * 2 / 8 = 2 ms
+    assert "as memory-bound as MHA's" in gqa.step_vs_cache_note(decode_for_note(1.9))
+    slower = gqa.step_vs_cache_note(decode_for_note(3.0))
+    assert "as memory-bound" not in slower and "would take 2.00 ms" in slower
+    assert "its attention core takes 3.00 ms" in slower and "still takes 1.50 ms" in slower
 
 
 def conv_rows(identical: float, similar: float, random: float) -> dict:
@@ -519,6 +547,8 @@ TYPES = {  # wrong types: floats, bools, None, strings where an int (or a tensor
     "x": lambda: layer()([[0.0] * 64]),
     "attn": lambda: mha_to_gqa(nn.Linear(4, 4), 1),
     "mask": lambda: attend(Q, K, V, torch.ones(3, 5)),
+    "x  ": lambda: repeat_kv([[0.0]], 2),
+    "min_run_time": lambda: gqa.benchmark_decode(32, 8, 4, [16], "0.1", torch.device("cpu")),
 }
 RANGES = {  # values out of their range: sizes < 1, bases <= 1 or not finite, divisibility
     "d_model": lambda: layer(d_model=0),
@@ -558,6 +588,8 @@ CONTRACTS = {  # shapes that must fit together
     "mask": lambda: attend(Q, K, V, torch.ones(2, 2, dtype=torch.bool)),
     "mask ": lambda: attend(Q, K, V, torch.zeros(3, 5, dtype=torch.bool)),  # a row sees nothing
     "k ": lambda: KVCache(1, 2, 8, 4).update(x_(1, 3, 1, 4), x_(1, 3, 1, 4), 0),
+    "k  ": lambda: attend(x_(1, 0, 3, 8), K, V),  # no query heads to share a KV head
+    "x  ": lambda: repeat_kv(x_(2, 5, 8), 2),
 }
 
 
