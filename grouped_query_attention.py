@@ -781,9 +781,11 @@ class AllocationTracker(TorchDispatchMode):
             del self.live[ptr]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        # The inputs' storages before the call: an ``out=`` tensor the operator grows gets new
+        # memory (a new data_ptr), which is an allocation, not an in-place write.
+        inputs = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs))}
         out = func(*args, **(kwargs or {}))
         self.ops.append(str(func.overloadpacket.__name__))
-        inputs = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs))}
         for t in _tensors(out):
             storage = t.untyped_storage()
             ptr, nbytes = storage.data_ptr(), storage.nbytes()

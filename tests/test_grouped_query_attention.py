@@ -293,6 +293,9 @@ def test_allocation_tracker_counts_a_copy_and_not_a_view():
         for _ in range(3):
             x.clone()
     assert tracker.total_bytes == 3 * x.numel() * 4 and tracker.live_bytes == 0
+    out = torch.empty(0)  # an out= tensor that the operator must grow is new memory too
+    grown = measure_allocations(lambda: torch.mm(x[:8], x, out=out))
+    assert grown["total_bytes"] == 8 * 256 * 4
 
 
 def test_grouped_makes_no_kv_sized_copy_and_repeat_kv_does():
