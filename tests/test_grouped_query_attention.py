@@ -445,6 +445,7 @@ def test_titles_follow_the_numbers():
     assert "GQA 2.00x slower than MHA" in contrary and "MQA not measurably faster" in contrary
     time_title, memory_title = gqa.gqa_sharing_methods_titles(2048, [0.8, 1.3], 100, 100)
     assert "not measurably faster" in time_title and "x the copy-free" not in memory_title
+    assert "(rounds 0.8-1.3x)" in time_title  # the spread behind the median, in the title
     assert "allocates 8.0x" in gqa.gqa_sharing_methods_titles(2048, [2.0, 3.0], 2**20, 8 * 2**20)[1]
     assert "allocates 2.5x" in gqa.gqa_sharing_methods_titles(2048, [2.0], 2**20, 5 * 2**19)[1]
     close = gqa.gqa_sharing_methods_titles(2048, [2.0], 100 * 2**10, 105 * 2**10)[1]
