@@ -373,8 +373,7 @@ class GroupedQueryAttention(nn.Module):
         d = self.head_dim
         # (1) q: (batch, n_heads, seq_len, head_dim)
         q = self.q_proj(x).view(b, s, self.n_heads, d).transpose(1, 2)
-        # (1) NEW vs MHA: k, v: (batch, n_kv_heads, seq_len, head_dim), the only keys/values
-        # ever stored
+        # (1) NEW vs MHA: k, v (batch, n_kv_heads, seq_len, head_dim), all that is cached
         k = self.k_proj(x).view(b, s, self.n_kv_heads, d).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.n_kv_heads, d).transpose(1, 2)
         positions = torch.arange(start_pos, start_pos + s, device=x.device)
