@@ -983,9 +983,9 @@ def benchmark_decode(
     max_rounds: int = 6,
 ) -> dict:
     """Time one decode step (1 new token, batch 1, fp32) against a cache of T tokens, for MHA,
-    GQA (n_heads/8 KV heads) and MQA through each sharing method; plus the attention core alone
-    (one query token against the cache, no projections) and what a step allocates, at the
-    longest context.
+    GQA (n_heads/8 KV heads, or the next divisor of n_heads below) and MQA through each sharing
+    method; plus the attention core alone (one query token against the cache, no projections)
+    and what a step allocates, at the longest context.
 
     Robust to a stray slow call: within a round MHA, GQA and MQA are timed back to back, so a
     burst of background load hits both terms of a ratio, or one round only; each time is the
@@ -1005,7 +1005,9 @@ def benchmark_decode(
         raise TypeError(f"min_run_time ({min_run_time!r}) must be a real number")
     if not 0 <= min_run_time < math.inf:
         raise ValueError(f"min_run_time ({min_run_time}) must be finite and >= 0")
-    configs = {"MHA": n_heads, "GQA": max(1, n_heads // 8), "MQA": 1}
+    # GQA: groups of 8 query heads (Llama-2-70B's), or the nearest smaller n_kv_heads that divides
+    gqa_kv = next(k for k in divisors_descending(n_heads) if k <= max(1, n_heads // 8))
+    configs = {"MHA": n_heads, "GQA": gqa_kv, "MQA": 1}
     contexts, longest = sorted(contexts), max(contexts)
     layers, caches, queries = {}, {}, {}
     x = torch.randn(1, 1, d_model, device=device)

@@ -407,6 +407,14 @@ def test_one_slow_round_does_not_move_a_decode_time_or_speedup(monkeypatch, outl
     assert dec["largest_round_spread"] == pytest.approx(999.0)  # (1000 - 1) / 1 ms: reported
 
 
+def test_decode_benchmark_gqa_has_a_divisor_of_n_heads_kv_heads(monkeypatch):
+    monkeypatch.setattr(gqa, "median_time_s", lambda fn, min_run_time=0.2: 1e-3)
+    dec = gqa.benchmark_decode(40, 20, 2, [8], 0.0, torch.device("cpu"), 1, 1)  # 20 // 8 = 2
+    assert dec["configs"]["GQA"]["n_kv_heads"] == 2
+    dec = gqa.benchmark_decode(50, 25, 2, [8], 0.0, torch.device("cpu"), 1, 1)  # 3 does not divide
+    assert dec["configs"]["GQA"]["n_kv_heads"] == 1
+
+
 def test_noisy_rounds_are_repeated_up_to_max_rounds(monkeypatch):
     # Times cycle through 7 values (18 calls a round): the per-round speed-ups scatter around 1
     # by more than their distance from 1, so the benchmark keeps measuring until max_rounds.
