@@ -187,6 +187,7 @@ class ModelConfig:
         """The config of a transformers ``LlamaConfig`` (rope_theta in either place it lives)."""
         rope = getattr(config, "rope_parameters", None) or {}
         theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        head_dim = getattr(config, "head_dim", None)  # None: d_model // n_heads
         if (
             rope.get("rope_type", "default") != "default"
             or config.attention_bias
@@ -201,7 +202,9 @@ class ModelConfig:
             n_kv_heads=config.num_key_value_heads,
             hidden_dim=config.intermediate_size,
             max_seq_len=config.max_position_embeddings,
-            head_dim=getattr(config, "head_dim", None),
+            head_dim=None
+            if head_dim == config.hidden_size // config.num_attention_heads
+            else head_dim,
             rope_base=float(theta),
             norm_eps=config.rms_norm_eps,
             tie_embeddings=config.tie_word_embeddings,
