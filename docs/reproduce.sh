@@ -4,7 +4,7 @@
 # from those results.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts=(kv_caching positional_embeddings swiglu grouped_query_attention multihead_latent_attention tokenization)
+scripts=(kv_caching positional_embeddings swiglu grouped_query_attention multihead_latent_attention tokenization training)
 start=$SECONDS
 timings=""
 for i in "${!scripts[@]}"; do

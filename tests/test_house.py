@@ -24,6 +24,7 @@ SCRIPTS = [
     "grouped_query_attention",
     "multihead_latent_attention",
     "tokenization",
+    "training",
 ]
 SHARED_FLAGS = ["--quick", "--out", "--no-show", "--device", "--seed"]
 
