@@ -94,23 +94,30 @@ References
 Contents
 --------
 2. Core: ``_check_sizes``, ``_check_positive``, ``ModelConfig``, ``LlamaDecoderLayer``,
-   ``LlamaModel``, ``Llama`` (``forward``, ``new_cache``, ``generate``); ``token_loss_sum``,
-   ``accumulate_gradients``, ``clip_grad_norm``, ``AdamW``, ``param_groups``,
-   ``cosine_lr``, ``wsd_lr``, ``TrainConfig``, ``lr_at``, ``get_batch``, ``evaluate``,
-   ``train`` (with ``make_checkpoint``, ``load_checkpoint``).
-3. Baselines and apparatus: the door checks (``_check_ids``, ``_check_train_args``), the data
-   (``TOKENIZER_FILE``, ``load_data``, ``val_windows``), ``ngram_baselines``,
-   ``matmul_param_count``, ``flops_per_token``, ``matmul_peak_flops``, ``SavedTensorBytes``,
+   ``LlamaModel``, ``Llama`` (``forward``, ``new_cache``, ``generate``); the loop's pieces
+   ``IGNORE``, ``token_loss_sum``, ``accumulate_gradients``, ``clip_grad_norm``, ``AdamW``,
+   ``param_groups``, ``cosine_lr``, ``wsd_lr``, ``TrainConfig``, ``lr_at``; ``train``.
+3. Baselines and apparatus: the door checks (``_fields_from_hf_config``,
+   ``_check_model_config``, ``_check_ids``, ``_check_generate``, ``_check_adamw``,
+   ``SCHEDULES``, ``_check_train_config``, ``_check_train_args``, ``_check_checkpoint``);
+   checkpoints (``make_checkpoint``, ``load_checkpoint``); the data (``get_batch``,
+   ``evaluate``, ``_record_eval``, ``TOKENIZER_FILE``, ``TOKENIZER_VOCAB``, ``load_data``,
+   ``val_windows``); ``ngram_baselines``, ``bits_per_byte``, ``matmul_param_count``,
+   ``flops_per_token``, ``matmul_peak_flops``, ``SavedTensorBytes``,
    ``activation_bytes_formula``, ``to_hf_llama``.
-4. Experiments: ``check_parity``, ``check_loop``, ``measure_bf16``, ``run_default_training``,
-   ``memory_account``, ``run_ablation``, ``loss_title``, ``training_claims``.
+4. Experiments: ``claim``, ``print_claims``, ``PARITY_CASES``, ``check_hf_parity``,
+   ``check_adamw``, ``check_schedules``, ``check_clipping``, ``check_accumulation``,
+   ``check_resume``, ``check_loop``, ``run_default_training``, ``memory_account``,
+   ``measure_bf16``, ``ABLATIONS``, ``run_ablation``, ``measure_baselines``, ``summarize_run``,
+   ``measure_step``, ``loss_title``, ``ablation_title``, ``training_claims``.
 5. Figures: ``plot_loss``, ``plot_lr_grad_norm``, ``plot_ablation``, ``plot_memory``.
-6. Main: ``parse_args``, ``SIZES``, the ``print_<stage>`` helpers, ``main``.
+6. Main: ``SIZES``, ``parse_args``, ``main_configs``, ``ablation_configs``, ``make_figures``,
+   ``model_files``, the ``print_<stage>`` helpers, ``main``.
 7. Plumbing (identical in every script).
 
-Read first: ``Llama`` (equations 1-4), then ``train`` and the pieces it calls in the order it
-calls them: ``lr_at``, ``get_batch``, ``accumulate_gradients``, ``clip_grad_norm``,
-``AdamW.step``.
+Read first: ``Llama`` (equations 1-4: which class comes from which script), then ``train`` and
+the pieces in the order it calls them: ``lr_at``, ``get_batch``, ``accumulate_gradients``,
+``clip_grad_norm``, ``AdamW.step``; ``check_accumulation`` shows the mistake (12) avoids.
 """
 
 from __future__ import annotations
@@ -185,30 +192,7 @@ class ModelConfig:
     @classmethod
     def from_hf_config(cls, config) -> ModelConfig:
         """The config of a transformers ``LlamaConfig`` (rope_theta in either place it lives)."""
-        rope = getattr(config, "rope_parameters", None) or {}
-        theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-        head_dim = getattr(config, "head_dim", None)  # None: d_model // n_heads
-        if (
-            rope.get("rope_type", "default") != "default"
-            or config.attention_bias
-            or getattr(config, "mlp_bias", False)
-        ):
-            raise ValueError("config must use plain RoPE (rope_type 'default') and no biases")
-        return cls(
-            vocab_size=config.vocab_size,
-            d_model=config.hidden_size,
-            n_layers=config.num_hidden_layers,
-            n_heads=config.num_attention_heads,
-            n_kv_heads=config.num_key_value_heads,
-            hidden_dim=config.intermediate_size,
-            max_seq_len=config.max_position_embeddings,
-            head_dim=None
-            if head_dim == config.hidden_size // config.num_attention_heads
-            else head_dim,
-            rope_base=float(theta),
-            norm_eps=config.rms_norm_eps,
-            tie_embeddings=config.tie_word_embeddings,
-        )
+        return cls(**_fields_from_hf_config(config))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -530,6 +514,32 @@ def train(
 # =============================================================================
 
 
+def _fields_from_hf_config(config) -> dict:
+    """ModelConfig's fields from a transformers ``LlamaConfig``; refuses what Llama lacks."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    head_dim = getattr(config, "head_dim", None)  # None: d_model // n_heads
+    if (
+        rope.get("rope_type", "default") != "default"
+        or config.attention_bias
+        or getattr(config, "mlp_bias", False)
+    ):
+        raise ValueError("config must use plain RoPE (rope_type 'default') and no biases")
+    return dict(
+        vocab_size=config.vocab_size,
+        d_model=config.hidden_size,
+        n_layers=config.num_hidden_layers,
+        n_heads=config.num_attention_heads,
+        n_kv_heads=config.num_key_value_heads,
+        hidden_dim=config.intermediate_size,
+        max_seq_len=config.max_position_embeddings,
+        head_dim=None if head_dim == config.hidden_size // config.num_attention_heads else head_dim,
+        rope_base=float(theta),
+        norm_eps=config.rms_norm_eps,
+        tie_embeddings=config.tie_word_embeddings,
+    )
+
+
 def _check_model_config(cfg: ModelConfig) -> None:
     """ModelConfig's door: sizes, divisibility, RoPE base, eps, the tie flag."""
     _check_sizes(
@@ -635,7 +645,9 @@ def _check_train_config(cfg: TrainConfig) -> None:
             f"warmup_steps + decay_steps ({cfg.warmup_steps} + {cfg.decay_steps}) must be "
             f"<= steps ({cfg.steps})"
         )
-    if isinstance(cfg.min_lr_ratio, bool) or not 0 <= cfg.min_lr_ratio <= 1:
+    if isinstance(cfg.min_lr_ratio, bool) or not isinstance(cfg.min_lr_ratio, numbers.Real):
+        raise TypeError(f"min_lr_ratio ({cfg.min_lr_ratio!r}) must be a real number")
+    if not 0 <= cfg.min_lr_ratio <= 1:
         raise ValueError(f"min_lr_ratio ({cfg.min_lr_ratio!r}) must lie in [0, 1]")
     if isinstance(cfg.grad_clip, bool) or not isinstance(cfg.grad_clip, numbers.Real):
         raise TypeError(f"grad_clip ({cfg.grad_clip!r}) must be a real number (math.inf: off)")
@@ -942,7 +954,7 @@ PARITY_CASES = {  # name -> ModelConfig overrides of a tiny Llama
 }
 
 
-def check_parity(seq_len: int = 24) -> dict:
+def check_hf_parity(seq_len: int = 24) -> dict:
     """Our Llama against transformers' LlamaForCausalLM with the same weights: the state_dict
     loads with strict=True both ways, and the logits agree; generate with the cache equals
     greedy decoding by full recomputation."""
@@ -1888,7 +1900,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["data"] = data["info"]
     print_data(results["data"])
     print(f"[2/{n}] checking our Llama against transformers' LlamaForCausalLM ...")
-    results["parity"] = check_parity()
+    results["parity"] = check_hf_parity()
     print_parity(results["parity"])
     print(f"[3/{n}] checking AdamW, schedules, clipping, accumulation, resume ...")
     results["loop"] = check_loop()
