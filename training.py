@@ -319,6 +319,7 @@ IGNORE = -100  # target id of a padded position: no loss, no gradient (as F.cros
 
 def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(sum of the token losses (5), number of predicted tokens); IGNORE targets count 0."""
+    _check_logits_targets(logits, targets)
     loss = F.cross_entropy(
         logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum"
     )
@@ -328,6 +329,7 @@ def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.T
 def accumulate_gradients(model: nn.Module, micro_batches: list, bf16: bool = False) -> float:
     """Backward over micro-batches [(ids, targets), ...], each weighted by its tokens (12), so
     the summed gradient is the one big batch's. Returns the big batch's mean token loss."""
+    _check_micro_batches(micro_batches, bf16)
     n_total = sum(int((y != IGNORE).sum()) for _, y in micro_batches)
     if n_total == 0:
         raise ValueError("micro_batches hold no target to predict (every target is IGNORE)")
@@ -344,6 +346,7 @@ def accumulate_gradients(model: nn.Module, micro_batches: list, bf16: bool = Fal
 def clip_grad_norm(parameters, max_norm: float) -> float:
     """Scale the gradients so their global norm is at most ``max_norm`` (11); returns the
     norm before clipping (``math.inf`` disables the clipping, the norm is still returned)."""
+    _check_max_norm(max_norm)
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return 0.0
@@ -389,6 +392,7 @@ class AdamW(torch.optim.Optimizer):
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """nanoGPT's grouping: weight decay on every >= 2-D tensor (matmul weights, embeddings),
     none on 1-D ones (norm gains, biases). A tied tensor appears once."""
+    _check_adamw(0.0, (0.0, 0.0), 1.0, weight_decay)
     params = [p for p in model.parameters() if p.requires_grad]  # parameters() dedups ties
     return [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
@@ -400,6 +404,7 @@ def cosine_lr(step, max_lr, warmup_steps, total_steps, min_lr_ratio=0.0) -> floa
     """(9): linear warm-up from 0, then a half cosine down to ``min_lr_ratio * max_lr``
     (transformers' ``get_cosine_with_min_lr_schedule_with_warmup``; past total_steps it stays
     at the floor, where transformers' cosine would rise again)."""
+    _check_schedule(step, max_lr, warmup_steps, 0, total_steps, min_lr_ratio)
     if step < warmup_steps:
         return max_lr * step / max(1, warmup_steps)
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -409,6 +414,7 @@ def cosine_lr(step, max_lr, warmup_steps, total_steps, min_lr_ratio=0.0) -> floa
 def wsd_lr(step, max_lr, warmup_steps, decay_steps, total_steps, min_lr_ratio=0.0) -> float:
     """(10) warmup-stable-decay (transformers' ``get_wsd_schedule``, linear warm-up from
     ``min_lr_ratio * max_lr``, cosine decay): the decay is the last ``decay_steps`` steps."""
+    _check_schedule(step, max_lr, warmup_steps, decay_steps, total_steps, min_lr_ratio)
     r = min_lr_ratio
     stable_end = total_steps - decay_steps
     if step < warmup_steps:
@@ -619,6 +625,84 @@ def _check_adamw(lr, betas, eps, weight_decay) -> None:
     _check_positive(eps=eps)
 
 
+def _check_logits_targets(logits, targets) -> None:
+    """token_loss_sum's door: float logits (batch, seq_len, vocab), int64 targets (batch, seq)."""
+    if not isinstance(logits, torch.Tensor) or not isinstance(targets, torch.Tensor):
+        raise TypeError("logits and targets must be torch.Tensors")
+    if not logits.is_floating_point() or logits.dim() != 3:
+        raise ValueError(f"logits ({logits.dtype}, {tuple(logits.shape)}) must be 3-D floating")
+    if targets.dtype != torch.int64 or targets.shape != logits.shape[:2]:
+        raise ValueError(
+            f"targets ({targets.dtype}, {tuple(targets.shape)}) must be int64 of shape "
+            f"{tuple(logits.shape[:2])}"
+        )
+
+
+def _check_micro_batches(micro_batches, bf16) -> None:
+    """accumulate_gradients' door: a non-empty list of (ids, targets) pairs of one shape each."""
+    if not isinstance(micro_batches, list | tuple) or not micro_batches:
+        raise TypeError("micro_batches must be a non-empty list of (ids, targets) pairs")
+    for pair in micro_batches:
+        if not isinstance(pair, tuple | list) or len(pair) != 2:
+            raise TypeError("micro_batches must hold (ids, targets) pairs")
+        x, y = pair
+        if not isinstance(y, torch.Tensor) or not isinstance(x, torch.Tensor):
+            raise TypeError("micro_batches must hold (ids, targets) pairs of tensors")
+        if y.shape != x.shape or y.dtype != torch.int64:
+            raise ValueError(
+                f"micro_batches targets ({y.dtype}, {tuple(y.shape)}) must be int64 shaped "
+                f"like their ids {tuple(x.shape)}"
+            )
+    if not isinstance(bf16, bool):
+        raise TypeError(f"bf16 ({bf16!r}) must be a bool")
+
+
+def _check_max_norm(max_norm) -> None:
+    """clip_grad_norm's door: max_norm > 0 (math.inf: measure the norm, clip nothing)."""
+    if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real):
+        raise TypeError(f"max_norm ({max_norm!r}) must be a real number")
+    if not max_norm > 0:
+        raise ValueError(f"max_norm ({max_norm}) must be > 0 (math.inf: no clipping)")
+
+
+def _check_schedule(step, max_lr, warmup_steps, decay_steps, total_steps, min_lr_ratio) -> None:
+    """The schedules' door: steps are ints >= 0, the phases fit, lr >= 0, 0 <= ratio <= 1."""
+    for name, value in (
+        ("step", step),
+        ("warmup_steps", warmup_steps),
+        ("decay_steps", decay_steps),
+    ):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} ({value!r}) must be an int")
+        if value < 0:
+            raise ValueError(f"{name} ({value}) must be >= 0")
+    _check_sizes(total_steps=total_steps)
+    if warmup_steps + decay_steps > total_steps:
+        raise ValueError(
+            f"warmup_steps + decay_steps ({warmup_steps} + {decay_steps}) must be <= "
+            f"total_steps ({total_steps})"
+        )
+    if isinstance(max_lr, bool) or not isinstance(max_lr, numbers.Real):
+        raise TypeError(f"max_lr ({max_lr!r}) must be a real number")
+    if not math.isfinite(max_lr) or max_lr < 0:
+        raise ValueError(f"max_lr ({max_lr}) must be finite and >= 0")
+    if isinstance(min_lr_ratio, bool) or not isinstance(min_lr_ratio, numbers.Real):
+        raise TypeError(f"min_lr_ratio ({min_lr_ratio!r}) must be a real number")
+    if not 0 <= min_lr_ratio <= 1:
+        raise ValueError(f"min_lr_ratio ({min_lr_ratio}) must lie in [0, 1]")
+
+
+def _check_token_tensor(name: str, t, dims: int, min_len: int) -> None:
+    """Token ids: an int64 tensor of ``dims`` dimensions, at least ``min_len`` along the last."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.int64 or t.dim() != dims or t.shape[-1] < min_len or not t.numel():
+        raise ValueError(
+            f"{name} ({t.dtype}, shape {tuple(t.shape)}) must be {dims}-D int64 with at least "
+            f"{min_len} tokens along the last dimension"
+        )
+
+
 SCHEDULES = ("cosine", "wsd", "constant")
 
 
@@ -739,6 +823,10 @@ def load_checkpoint(checkpoint: dict, model, optimizer, data_rng) -> tuple[int, 
 
 def get_batch(tokens: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator):
     """Random windows of seq_len + 1 tokens: inputs (batch, seq_len) and the next tokens."""
+    _check_sizes(batch_size=batch_size, seq_len=seq_len)
+    _check_token_tensor("tokens", tokens, 1, min_len=seq_len + 1)
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     starts = torch.randint(len(tokens) - seq_len, (batch_size,), generator=generator)
     windows = torch.stack([tokens[s : s + seq_len + 1] for s in starts.tolist()])
     return windows[:, :-1], windows[:, 1:]  # (batch, seq_len) each
@@ -747,6 +835,8 @@ def get_batch(tokens: torch.Tensor, batch_size: int, seq_len: int, generator: to
 @torch.no_grad()
 def evaluate(model: nn.Module, windows: torch.Tensor, batch_size: int = 16) -> float:
     """Mean token loss (5) over fixed windows (n, seq_len + 1), batch by batch."""
+    _check_sizes(batch_size=batch_size)
+    _check_token_tensor("windows", windows, 2, min_len=2)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0

@@ -327,6 +327,34 @@ def test_bad_calls_name_the_argument(tokens):
             call()
 
 
+def test_loop_pieces_refuse_bad_input_by_name(tokens):
+    model = Llama(tiny_cfg())
+    windows = val_windows(tokens[-100:], 8)
+    x = tokens[:8].view(2, 4)
+    g = torch.Generator()
+    cases = [
+        (lambda: clip_grad_norm(model.parameters(), 0.0), "max_norm"),
+        (lambda: clip_grad_norm(model.parameters(), float("nan")), "max_norm"),
+        (lambda: cosine_lr(-1, 1.0, 1, 10), "step"),
+        (lambda: cosine_lr(1, -1.0, 1, 10), "max_lr"),
+        (lambda: cosine_lr(1, 1.0, 20, 10), "warmup_steps"),
+        (lambda: cosine_lr(1, 1.0, 1, 10, 2.0), "min_lr_ratio"),
+        (lambda: wsd_lr(1, 1.0, 5, 6, 10), "decay_steps"),
+        (lambda: param_groups(model, -0.1), "weight_decay"),
+        (lambda: get_batch(tokens.float(), 2, 4, g), "tokens"),
+        (lambda: get_batch(tokens, 2, 4, 0), "generator"),
+        (lambda: training.evaluate(model, tokens), "windows"),
+        (lambda: training.token_loss_sum(torch.zeros(2, 3, 5), x), "targets"),
+        (lambda: accumulate_gradients(model, []), "micro_batches"),
+        (lambda: accumulate_gradients(model, [(x, x[:, :2])]), "micro_batches"),
+        (lambda: accumulate_gradients(model, [(x, x)], 1), "bf16"),
+    ]
+    for call, name in cases:
+        with pytest.raises((ValueError, TypeError), match=name):
+            call()
+    training.evaluate(model, windows)  # the good calls pass
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     field=st.sampled_from(["vocab_size", "d_model", "n_layers", "n_heads", "hidden_dim"]),
