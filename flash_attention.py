@@ -124,82 +124,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # =============================================================================
 
 
-def _check_sizes(**sizes: int) -> None:
-    """Every size (a dimension, a count) must be an integer (not a bool) of at least 1."""
-    for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{name} ({value!r}) must be an int")
-        if value < 1:
-            raise ValueError(f"{name} ({value}) must be >= 1")
-
-
-def _check_start_pos(start_pos: int) -> None:
-    """A position to start writing at: an integer (not a bool) of at least 0."""
-    if isinstance(start_pos, bool) or not isinstance(start_pos, numbers.Integral):
-        raise TypeError(f"start_pos ({start_pos!r}) must be an int")
-    if start_pos < 0:
-        raise ValueError(f"start_pos ({start_pos}) must be >= 0")
-
-
-def _check_positive(**values: float) -> None:
-    """Every value (a base, a factor, an eps) must be a finite real number > 0."""
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{name} ({value!r}) must be a real number")
-        if not math.isfinite(value) or value <= 0:
-            raise ValueError(f"{name} ({value}) must be finite and > 0")
-
-
-def _check_float_tensor(name: str, t: torch.Tensor, last_dim: int | None = None) -> None:
-    """A floating-point tensor (no silent casts of ints), with ``last_dim`` features if given."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise ValueError(f"{name} dtype ({t.dtype}) must be a floating-point dtype")
-    if last_dim is not None and (t.dim() == 0 or t.shape[-1] != last_dim):
-        raise ValueError(f"{name} (shape {tuple(t.shape)}) must end in {last_dim} features")
-
-
-def _check_attention_inputs(q, k, v, causal, scale) -> float:
-    """The rules of every attention entry point; returns the softmax scale (1/sqrt(d) if None).
-
-    q (batch, n_heads, q_len, head_dim); k, v (batch, n_kv_heads, kv_len, head_dim), n_kv_heads
-    dividing n_heads; one float dtype and device; causal needs q_len <= kv_len.
-    """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_float_tensor(name, t)
-        if t.dim() != 4:
-            raise ValueError(
-                f"{name} (shape {tuple(t.shape)}) must have 4 dims "
-                "(batch, heads, seq_len, head_dim)"
-            )
-        if t.dtype != q.dtype or t.device != q.device:
-            raise ValueError(f"{name} ({t.dtype} on {t.device}) must match q's dtype and device")
-    if k.shape != v.shape:
-        raise ValueError(f"v (shape {tuple(v.shape)}) must have k's shape {tuple(k.shape)}")
-    if k.shape[0] != q.shape[0]:
-        raise ValueError(f"k batch ({k.shape[0]}) must equal q batch ({q.shape[0]})")
-    if k.shape[3] != q.shape[3]:
-        raise ValueError(f"k head_dim ({k.shape[3]}) must equal q head_dim ({q.shape[3]})")
-    if k.shape[1] < 1 or q.shape[1] % k.shape[1]:
-        raise ValueError(
-            f"n_heads ({q.shape[1]}) must be divisible by n_kv_heads ({k.shape[1]}, k.shape[1])"
-        )
-    if k.shape[2] < 1 or q.shape[3] < 1:
-        raise ValueError(f"kv_len ({k.shape[2]}) and head_dim ({q.shape[3]}) must be >= 1")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal ({causal!r}) must be a bool")
-    if causal and q.shape[2] > k.shape[2]:
-        raise ValueError(
-            f"causal with q_len ({q.shape[2]}) > kv_len ({k.shape[2]}): the queries are the last "
-            "q_len of the kv_len positions, so q_len must be <= kv_len"
-        )
-    if scale is None:
-        return 1.0 / math.sqrt(q.shape[3])
-    _check_positive(scale=scale)
-    return float(scale)
-
-
 def causal_mask(q_len: int, kv_len: int, device=None) -> torch.Tensor:
     """Boolean (q_len, kv_len) mask, True where query i may attend to key j.
 
@@ -219,10 +143,11 @@ def naive_attention(q, k, v, causal=False, scale=None, mask=None) -> torch.Tenso
     scale = _check_attention_inputs(q, k, v, causal, scale)
     b, h, tq, d = q.shape
     hk, tk = k.shape[1], k.shape[2]
-    if mask is not None and (
-        causal or getattr(mask, "shape", None) != (tq, tk) or mask.dtype != torch.bool
-    ):
-        raise ValueError(f"mask must be a bool ({tq}, {tk}) tensor, used without causal")
+    bad = not isinstance(mask, torch.Tensor) or (mask.shape, mask.dtype) != ((tq, tk), torch.bool)
+    if mask is not None and (causal or bad or mask.device != q.device):
+        raise ValueError(
+            f"mask must be a bool ({tq}, {tk}) tensor on q's device ({q.device}), without causal"
+        )
     if causal:
         mask = causal_mask(tq, tk, q.device)
     # NEW vs MHA: fold the group of n_heads / n_kv_heads query heads into the query rows.
@@ -323,7 +248,9 @@ def _flash_forward(q, k, v, causal, block_q, block_k, scale):
                 s.view(b, hk, g, i1 - i0, j1 - j0).masked_fill_(~keep, float("-inf"))
             m_new = torch.maximum(m, s.amax(dim=-1))  # (A1.9) m = max(m, rowmax(S_ij))
             p = s.sub_(m_new.unsqueeze(-1)).exp_()  # (A1.9) P~ = exp(S_ij - m), in place of S_ij
-            alpha = torch.exp(m - m_new)  # e^(m_old - m_new): how much the old max was too small
+            alpha = torch.exp(
+                m - m_new
+            )  # e^(m_old - m_new) <= 1: shrinks terms summed vs the old max
             l = alpha * l + p.sum(dim=-1)  # (A1.9) l = e^(m_old - m) l + rowsum(P~)
             # (A1.10) O~ = diag(e^(m_old - m)) O~ + P~ V_j (P~ rounded to V's dtype, as the kernel)
             o_acc.mul_(alpha.unsqueeze(-1)).add_(p.to(v.dtype).to(acc) @ vj)
@@ -346,8 +273,10 @@ def flash_attention_backward(
     _check_sizes(block_q=block_q, block_k=block_k)
     for name, t, shape in (("o", o, q.shape), ("do", do, q.shape), ("lse", lse, q.shape[:3])):
         _check_float_tensor(name, t)
-        if t.shape != shape or t.device != q.device:
+        if t.shape != shape:
             raise ValueError(f"{name} (shape {tuple(t.shape)}) must have shape {tuple(shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} (on {t.device}) must be on q's device ({q.device})")
     return _flash_backward(q, k, v, o, lse, do, causal, block_q, block_k, scale)
 
 
@@ -358,7 +287,9 @@ def _flash_backward(q, k, v, o, lse, do, causal, block_q, block_k, scale):
     g, acc = h // hk, _acc_dtype(q.dtype)
     q5, do5 = q.view(b, hk, g, tq, d), do.view(b, hk, g, tq, d)  # NEW vs MHA: group axis
     lse4 = lse.view(b, hk, g, tq).to(acc)
-    dsum = (do.to(acc) * o.to(acc)).sum(dim=-1).view(b, hk, g, tq)  # (A2.4) D = rowsum(dO * O)
+    # (A2.4) D = rowsum(dO * O): the softmax backward dS = P * (dP - rowsum(P * dP)) needs
+    # rowsum(P * dP), equal to rowsum(dO * O) since dP = dO V^T and O = P V; one row sum, from O.
+    dsum = (do.to(acc) * o.to(acc)).sum(dim=-1).view(b, hk, g, tq)
     dq = torch.zeros(b, hk, g, tq, d, dtype=acc, device=q.device)  # (A2.3)
     dk = torch.zeros(b, hk, tk, d, dtype=acc, device=q.device)
     dv = torch.zeros_like(dk)
@@ -373,19 +304,23 @@ def _flash_backward(q, k, v, o, lse, do, causal, block_q, block_k, scale):
         dkj, dvj = torch.zeros_like(kj), torch.zeros_like(vj)  # (A2.7)
         for i0, i1, _, needs_mask in rows:  # (A2.8) inner loop over the query blocks
             n = g * (i1 - i0)
-            qi = q5[:, :, :, i0:i1].reshape(b, hk, n, d).to(acc)  # (A2.9) (batch, n_kv, g B_r, d)
+            # (A2.9) load Q_i (pre-scaled, as in the forward) and dO_i: (batch, n_kv, g B_r, d)
+            qi = q5[:, :, :, i0:i1].reshape(b, hk, n, d).to(acc) * scale
             doi = do5[:, :, :, i0:i1].reshape(b, hk, n, d).to(acc)
-            s = (qi @ kj.transpose(-2, -1)) * scale  # (A2.10) S = s Q_i K_j^T
+            s = qi @ kj.transpose(-2, -1)  # (A2.10) S = (s Q_i) K_j^T
             if needs_mask:
                 keep = _tile_mask(i0, i1, j0, j1, tk - tq, q.device)
                 s = s.view(b, hk, g, i1 - i0, j1 - j0).masked_fill(~keep, float("-inf"))
                 s = s.view(b, hk, n, j1 - j0)
             p = torch.exp(s - lse4[:, :, :, i0:i1].reshape(b, hk, n, 1))  # (A2.11) P, recomputed
-            dvj += p.transpose(-2, -1) @ doi  # (A2.12) dV_j += P^T dO_i (sums the group's rows)
+            # (A2.12) dV_j += P^T dO_i (sums the group's rows); P rounded to the input dtype
+            # before the matmul, as the kernel does (a no-op in float32)
+            dvj += p.to(v.dtype).to(acc).transpose(-2, -1) @ doi
             dp = doi @ vj.transpose(-2, -1)  # (A2.13) dP = dO_i V_j^T
             ds = p * (dp - dsum[:, :, :, i0:i1].reshape(b, hk, n, 1))  # (A2.14) dS = P*(dP - D_i)
+            ds = ds.to(q.dtype).to(acc)  # rounded to the input dtype before the matmuls, as P
             dq[:, :, :, i0:i1] += (scale * ds @ kj).view(b, hk, g, i1 - i0, d)  # (A2.15)
-            dkj += scale * ds.transpose(-2, -1) @ qi  # (A2.16) dK_j += s dS^T Q_i
+            dkj += ds.transpose(-2, -1) @ qi  # (A2.16) dK_j += s dS^T Q_i = dS^T (s Q_i)
         dk[:, :, j0:j1], dv[:, :, j0:j1] = dkj, dvj  # (A2.18) write dK_j, dV_j
     return dq.view(b, h, tq, d).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
@@ -401,6 +336,7 @@ class FlashAttentionFunction(torch.autograd.Function):
         return o
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # Algorithm 2 is not differentiable itself
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = _flash_backward(q, k, v, o, lse, do.contiguous(), *ctx.config)
@@ -417,7 +353,11 @@ def flash_attention(q, k, v, causal=False, block_q=64, block_k=64, scale=None) -
 
 def sliding_window_mask(q_len: int, kv_len: int, window: int, device=None) -> torch.Tensor:
     """(q_len, kv_len) bool: query at position p (bottom-right aligned) sees keys p - window < j
-    <= p, the last ``window`` positions including its own (Mistral's sliding window)."""
+    <= p, the last ``window`` positions including its own: the convention of Hugging Face
+    ``transformers`` (``masking_utils.sliding_window_overlay``: kv_idx > q_idx - window) and of
+    flash-attn called with ``window_size=(window - 1, 0)``: W keys, so the rolling
+    cache of W slots holds exactly what a query sees. mistral-src's reference mask
+    (``triu(diagonal=-sliding_window)``) keeps W + 1 keys."""
     _check_sizes(q_len=q_len, kv_len=kv_len, window=window)
     if q_len > kv_len:
         raise ValueError(f"q_len ({q_len}) must be <= kv_len ({kv_len}): queries are the last keys")
@@ -433,8 +373,8 @@ def sliding_window_attention(q, k, v, window: int, scale=None) -> torch.Tensor:
 
 
 class RollingKVCache:
-    """Mistral's rolling buffer: position p is kept in slot p % window, so the cache holds at most
-    ``window`` tokens (batch, n_kv_heads, window, head_dim) however long the sequence grows."""
+    """A rolling buffer (Mistral 7B's): position p is kept in slot p % window, so the cache holds
+    at most ``window`` tokens (batch, n_kv_heads, window, head_dim) however long the text grows."""
 
     def __init__(self, batch_size, n_kv_heads, window, head_dim, dtype=torch.float32, device=None):
         _check_sizes(batch_size=batch_size, n_kv_heads=n_kv_heads, window=window, head_dim=head_dim)
@@ -481,6 +421,85 @@ class RollingKVCache:
     def nbytes(self) -> int:
         """Bytes held by the two buffers, measured from the tensors."""
         return sum(t.numel() * t.element_size() for t in (self.k_cache, self.v_cache))
+
+
+# Validation at the door, shared by every entry point above.
+
+
+def _check_sizes(**sizes: int) -> None:
+    """Every size (a dimension, a count) must be an integer (not a bool) of at least 1."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} ({value!r}) must be an int")
+        if value < 1:
+            raise ValueError(f"{name} ({value}) must be >= 1")
+
+
+def _check_start_pos(start_pos: int) -> None:
+    """A position to start writing at: an integer (not a bool) of at least 0."""
+    if isinstance(start_pos, bool) or not isinstance(start_pos, numbers.Integral):
+        raise TypeError(f"start_pos ({start_pos!r}) must be an int")
+    if start_pos < 0:
+        raise ValueError(f"start_pos ({start_pos}) must be >= 0")
+
+
+def _check_positive(**values: float) -> None:
+    """Every value (a base, a factor, an eps) must be a finite real number > 0."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} ({value!r}) must be a real number")
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} ({value}) must be finite and > 0")
+
+
+def _check_float_tensor(name: str, t: torch.Tensor, last_dim: int | None = None) -> None:
+    """A floating-point tensor (no silent casts of ints), with ``last_dim`` features if given."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} dtype ({t.dtype}) must be a floating-point dtype")
+    if last_dim is not None and (t.dim() == 0 or t.shape[-1] != last_dim):
+        raise ValueError(f"{name} (shape {tuple(t.shape)}) must end in {last_dim} features")
+
+
+def _check_attention_inputs(q, k, v, causal, scale) -> float:
+    """The rules of every attention entry point; returns the softmax scale (1/sqrt(d) if None).
+
+    q (batch, n_heads, q_len, head_dim); k, v (batch, n_kv_heads, kv_len, head_dim), n_kv_heads
+    dividing n_heads; one float dtype and device; causal needs q_len <= kv_len.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_float_tensor(name, t)
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} (shape {tuple(t.shape)}) must have 4 dims "
+                "(batch, heads, seq_len, head_dim)"
+            )
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{name} ({t.dtype} on {t.device}) must match q's dtype and device")
+    if k.shape != v.shape:
+        raise ValueError(f"v (shape {tuple(v.shape)}) must have k's shape {tuple(k.shape)}")
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"k batch ({k.shape[0]}) must equal q batch ({q.shape[0]})")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"k head_dim ({k.shape[3]}) must equal q head_dim ({q.shape[3]})")
+    if k.shape[1] < 1 or q.shape[1] % k.shape[1]:
+        raise ValueError(
+            f"n_heads ({q.shape[1]}) must be divisible by n_kv_heads ({k.shape[1]}, k.shape[1])"
+        )
+    if k.shape[2] < 1 or q.shape[3] < 1:
+        raise ValueError(f"kv_len ({k.shape[2]}) and head_dim ({q.shape[3]}) must be >= 1")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal ({causal!r}) must be a bool")
+    if causal and q.shape[2] > k.shape[2]:
+        raise ValueError(
+            f"causal with q_len ({q.shape[2]}) > kv_len ({k.shape[2]}): the queries are the last "
+            "q_len of the kv_len positions, so q_len must be <= kv_len"
+        )
+    if scale is None:
+        return 1.0 / math.sqrt(q.shape[3])
+    _check_positive(scale=scale)
+    return float(scale)
 
 
 # =============================================================================

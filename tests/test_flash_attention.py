@@ -153,6 +153,15 @@ def test_gradcheck_in_float64_on_a_tiny_gqa_causal_case():
     )
 
 
+def test_second_order_gradients_raise_instead_of_being_dropped():
+    """Algorithm 2 is not itself differentiable: a create_graph backward through it must fail
+    loudly (once_differentiable), not return a silently wrong second derivative."""
+    q, k, v = (t.requires_grad_() for t in qkv(1, 2, 2, 8, 8, 4, dtype=torch.float64))
+    (dq,) = torch.autograd.grad(flash_attention(q, k, v).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        dq.sum().backward()
+
+
 def test_bf16_error_is_at_most_twice_the_naive_bf16_error():
     bf16 = fa._bf16_errors(CPU)
     assert bf16["max_ratio"] <= fa.BF16_ERROR_RATIO
@@ -228,6 +237,20 @@ def test_forward_really_skips_the_tiles_above_the_diagonal():
     assert flops[True] / flops[False] == pytest.approx((plan != BLOCK_SKIPPED).mean())
 
 
+def test_backward_also_skips_the_tiles_above_the_diagonal():
+    """The backward's matmul FLOPs, causal / non-causal = visited tiles / all tiles, too."""
+    q, k, v = qkv(1, 2, 2, 256, 256, 16)
+    do = torch.randn_like(q)
+    flops = {}
+    for causal in (False, True):
+        out, lse = flash_attention_forward(q, k, v, causal, 32, 32)
+        with FlopCounterMode(display=False) as counter:
+            flash_attention_backward(q, k, v, out, lse, do, causal, 32, 32)
+        flops[causal] = counter.get_total_flops()
+    plan = block_plan(256, 256, 32, 32, causal=True)
+    assert flops[True] / flops[False] == pytest.approx((plan != BLOCK_SKIPPED).mean())
+
+
 def test_bottom_right_alignment_with_fewer_queries_than_keys():
     plan = block_plan(16, 64, 16, 16, causal=True)  # the 16 queries are positions 48..63
     assert plan.tolist() == [[BLOCK_COMPUTED] * 3 + [BLOCK_MASKED]]
@@ -274,6 +297,8 @@ def _alg1_traffic_by_loop(n, d, block, bytes_per):
 
 @pytest.mark.parametrize(("n", "d", "block"), [(4096, 64, 128), (1000, 32, 64), (64, 16, 64)])
 def test_hbm_traffic_closed_form_equals_walking_the_loops(n, d, block):
+    """The closed form against the same model written as loops (same assumptions: every tile
+    visited, no causal skipping): a check of the algebra, not of the model against hardware."""
     counts = hbm_traffic_bytes(n, d, block, bytes_per=2)
     assert counts["tiled"] == _alg1_traffic_by_loop(n, d, block, 2)
     # Algorithm 0: read Q, K, write S; read S, write P; read P, V, write O
