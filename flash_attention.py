@@ -550,13 +550,16 @@ def skipped_block_formula(seq_len: int, block: int) -> int:
 
 
 def hbm_traffic_bytes(seq_len: int, head_dim: int, block: int, bytes_per: int = 2) -> dict:
-    """HBM bytes read + written by one head's attention forward (FlashAttention, Theorem 2).
+    """HBM bytes read + written by one head's attention forward, by a model (no hardware counter).
 
     standard (Algorithm 0): read Q, K, write S; read S, write P; read P, V, write O:
         (4 N d + 4 N^2) elements: Theta(N d + N^2).
     tiled (FlashAttention-2 Algorithm 1, B_r = B_c = block): read each Q_i and write each O_i
         once (2 N d), read all of K and V once per query block (2 N d ceil(N / B_r)), write L
         (N floats): Theta(N^2 d / B_r) = Theta(N^2 d^2 / M) with an SRAM of M ~ 4 B_r d elements.
+    Theorem 2 of the 2022 paper counts FlashAttention-1's loop order (K, V outside, Q, O read and
+    written once per key block); FA2's order counted here has the same Theta. Non-causal: the
+    model visits every tile (a causal pass skips about half of the K, V reads).
     """
     _check_sizes(seq_len=seq_len, head_dim=head_dim, block=block, bytes_per=bytes_per)
     n, d = seq_len, head_dim
@@ -566,10 +569,31 @@ def hbm_traffic_bytes(seq_len: int, head_dim: int, block: int, bytes_per: int = 
 
 
 def sram_bytes(block: int, head_dim: int, bytes_per: int = 2) -> int:
-    """On-chip memory one tile step needs: Q_i, K_j, V_j and O~_i (block x d each, O~ in float32),
-    the S / P tile (block x block, float32) and m, l (float32)."""
+    """On-chip memory (SRAM + registers) one tile step needs: Q_i, K_j, V_j and O~_i (block x d
+    each, O~ in float32), the S / P tile (block x block, float32) and m, l (float32). Real kernels
+    keep S, P and O~ in registers, the loaded tiles in shared memory (SRAM)."""
     _check_sizes(block=block, head_dim=head_dim, bytes_per=bytes_per)
     return 3 * block * head_dim * bytes_per + block * head_dim * 4 + block * block * 4 + 8 * block
+
+
+class AtenCallCounter(TorchDispatchMode):
+    """Counts the ATen calls (every operation that reaches PyTorch's dispatcher: matmuls, exps,
+    slices, views, copies) made while active: the small calls a Python loop pays for one by one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def aten_calls(fn) -> int:
+    """ATen calls made by ``fn()``."""
+    with torch.no_grad(), AtenCallCounter() as counter:
+        fn()
+    return counter.calls
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -631,6 +655,8 @@ def peak_bytes(fn, device: torch.device) -> int:
     if not isinstance(device, torch.device):
         raise TypeError(f"device ({device!r}) must be a torch.device")
     if device.type == "cuda":
+        with torch.no_grad():
+            fn()  # warm-up: cuBLAS allocates its workspace on the first matmul, once
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
@@ -934,6 +960,11 @@ def measure_peak_memory(
             report(t, {name: p[-1] for name, p in peak.items()})
     at = max((t for t in seq_lens if t <= 4096), default=seq_lens[-1])
     i = seq_lens.index(at)
+    out_bytes = [n_heads * t * head_dim * 4 for t in seq_lens]  # |O|, float32
+    lse_bytes = [n_heads * t * 4 for t in seq_lens]  # L, one float32 per row
+    naive_formula = [2 * n_heads * t * t * 4 + o for t, o in zip(seq_lens, out_bytes, strict=True)]
+    workspace = [f - o - l for f, o, l in zip(peak["flash"], out_bytes, lse_bytes, strict=True)]
+    linear = [f - workspace[-1] for f in peak["flash"]]  # O + L once the fixed part is removed
     return {
         "config": {
             "batch": 1,
@@ -946,11 +977,18 @@ def measure_peak_memory(
         "method": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "LiveTensorBytes",
         "seq_lens": seq_lens,
         "peak_bytes": peak,
-        "output_bytes": [n_heads * t * head_dim * 4 for t in seq_lens],
+        "output_bytes": out_bytes,
+        "lse_bytes": lse_bytes,
+        "naive_formula": "2 * n_heads * T^2 * 4 (S and P, float32) + |O|",
+        "naive_formula_bytes": naive_formula,
+        "naive_equals_formula": peak["naive"] == naive_formula,
         "slope_fitted_over": seq_lens[-3:],
         "slope": {name: _fit_slope(seq_lens[-3:], p[-3:]) for name, p in peak.items()},
+        "slope_flash_minus_workspace": _fit_slope(seq_lens[-3:], linear[-3:]),
         "ratio_at": at,
-        "flash_workspace_bytes": peak["flash"][-1] - n_heads * seq_lens[-1] * head_dim * 4,
+        "flash_workspace_bytes_vs_len": workspace,
+        "flash_workspace_constant": len(set(workspace)) == 1,
+        "flash_workspace_bytes": workspace[-1],
         "ratio_naive_vs_flash": peak["naive"][i] / peak["flash"][i],
     }
 
@@ -979,6 +1017,13 @@ def hbm_traffic(seq_len: int, head_dims: list[int], blocks: list[int]) -> dict:
         "tiled_vs_len": [r["tiled"] for r in vs_len],
         "ratio_block_128_d_64": hbm_traffic_bytes(seq_len, 64, 128)["ratio"],
         "ratio_block_16_d_64_words": less_or_more(hbm_traffic_bytes(seq_len, 64, 16)["ratio"]),
+        "largest_block_in_192_kib": {
+            d: max(
+                (b for b, x in zip(blocks, r["sram_bytes"], strict=True) if x <= 192 * 1024),
+                default=None,
+            )
+            for d, r in by_block.items()
+        },
     }
 
 
@@ -1003,12 +1048,14 @@ def benchmark_speed(device: torch.device, quick: bool) -> dict:
     b, h, t, d = (1, 2, 256, 64) if quick else (1, 4, 1024, 64)
     rounds, min_run = 3, (0.05 if quick else 0.2)
     q, k, v = _random_qkv(b, h, h, t, t, d, device)
+    q8, k8, v8 = _random_qkv(b, h, h, t, t, 8, device)  # head_dim 8: 8x less matmul arithmetic
     with torch.no_grad():
         main_run = _time_interleaved(
             {
                 "naive": lambda: naive_attention(q, k, v, True),
                 "flash": lambda: flash_attention_forward(q, k, v, True),
                 "sdpa": lambda: sdpa_attention(q, k, v, True),
+                "flash_head_dim_8": lambda: flash_attention_forward(q8, k8, v8, True),
             },
             rounds,
             min_run,
@@ -1024,6 +1071,10 @@ def benchmark_speed(device: torch.device, quick: bool) -> dict:
         )
     ms = main_run["time_ms"]
     n_tiles = int((block_plan(t, t, 64, 64, True) != BLOCK_SKIPPED).sum())
+    calls = aten_calls(lambda: flash_attention_forward(q, k, v, True))
+    sweep_calls = [
+        aten_calls(lambda bl=bl: flash_attention_forward(q, k, v, True, bl, bl)) for bl in blocks
+    ]
     return {
         "config": {
             "batch": b,
@@ -1043,10 +1094,15 @@ def benchmark_speed(device: torch.device, quick: bool) -> dict:
         "flash_vs_naive_words": times_word(ms["flash"] / ms["naive"], "naive attention"),
         "flash_tiles": n_tiles,
         "flash_us_per_tile": 1e3 * ms["flash"] / n_tiles,
+        "flash_aten_calls": calls,
+        "flash_aten_calls_per_tile": calls / n_tiles,
+        "head_dim_8_vs_64_time_ratio": ms["flash_head_dim_8"] / ms["flash"],
+        "overhead_words": overhead_words(ms["flash_head_dim_8"] / ms["flash"]),
         "block_sweep": {
             "blocks": blocks,
             "time_ms": [sweep["time_ms"][str(x)] for x in blocks],
             "spread": [sweep["spread"][str(x)] for x in blocks],
+            "aten_calls": sweep_calls,
             "fastest_block": min(blocks, key=lambda x: sweep["time_ms"][str(x)]),
         },
     }
@@ -1142,37 +1198,52 @@ def memory_statement(ratio: float, at: int, target: float = MEMORY_RATIO_TARGET)
     return claim(text, ratio >= target, ratio=ratio, seq_len=at)
 
 
-def slope_statement(naive: float, flash: float) -> dict:
-    """The scaling claim from the fitted log-log slopes of peak memory vs T."""
-    held = abs(naive - 2) <= 0.3 and abs(flash - 1) <= 0.3
+def slope_statement(naive: float, flash: float, flash_linear: float | None = None) -> dict:
+    """The scaling claim from the fitted log-log slopes of peak memory vs T; ``flash_linear`` is
+    the tiled slope once its fixed tile workspace is subtracted (the fixed part bends the fit)."""
+    tiled = flash if flash_linear is None else flash_linear
+    held = abs(naive - 2) <= 0.3 and abs(tiled - 1) <= 0.1
     text = (
         f"peak memory grows as T^{naive:.2f} for naive attention and T^{flash:.2f} for the "
         "tiled forward"
     )
-    text += " (quadratic vs linear)" if held else ": this run did not show quadratic vs linear"
-    return claim(text, held, slope_naive=naive, slope_flash=flash)
+    if flash_linear is not None:
+        text += f" (T^{flash_linear:.2f} once its fixed tile workspace is subtracted)"
+    text += ": quadratic vs linear" if held else ": this run did not show quadratic vs linear"
+    return claim(text, held, slope_naive=naive, slope_flash=flash, slope_flash_linear=tiled)
+
+
+def overhead_words(head_dim_8_vs_64: float) -> str:
+    """What the head_dim-8 timing says: time that barely falls with 8x less matmul arithmetic is
+    mostly a fixed cost per call."""
+    if head_dim_8_vs_64 >= 0.5:
+        return "so a fixed cost per call, not arithmetic, is the likely main cost"
+    return "so arithmetic is a large share of it in this run"
 
 
 def speed_statement(speed: dict) -> dict:
     """The speed claim: the Python tiled loop against SDPA's fused kernel, with the spread."""
     ratio = speed["flash_vs_sdpa_time_ratio"]
     spread = max(speed["spread"]["flash"], speed["spread"]["sdpa"])
+    r8 = speed["head_dim_8_vs_64_time_ratio"]
+    why = overhead_words(r8)
     text = (
         f"the Python tiled loop is {times_word(ratio, 'SDPA')} (spread {spread:.0%} over "
-        f"rounds): it makes ~10 small PyTorch calls from the interpreter for each of its "
-        f"{speed['flash_tiles']} tiles ({speed['flash_us_per_tile']:.0f} us per tile), while "
-        "SDPA runs the same tiling in compiled C++"
+        f"rounds): each of its {speed['flash_tiles']} tiles costs "
+        f"{speed['flash_us_per_tile']:.0f} us and {speed['flash_aten_calls_per_tile']:.0f} ATen "
+        f"calls (counted); at head_dim 8 (8x less matmul arithmetic) it takes {r8:.0%} of the "
+        f"time, {why}. SDPA runs the same algorithm with larger tiles, as compiled C++"
     )
     slower = ratio > 1 + spread
     if 1 < ratio <= 1 + spread:
         text = (
             f"the Python tiled loop was {times_word(ratio, 'SDPA')}, within this run's spread "
-            f"({spread:.0%}): too noisy to show the interpreter overhead"
+            f"({spread:.0%}): too noisy to show the cost of its many small calls"
         )
     elif ratio <= 1:
         text = (
             f"the Python tiled loop was {times_word(ratio, 'SDPA')} in this run (spread "
-            f"{spread:.0%}): this run did not show the interpreter overhead"
+            f"{spread:.0%}): this run did not show the cost of its many small calls"
         )
     return claim(text, slower, ratio=ratio, spread=spread)
 
@@ -1184,6 +1255,38 @@ def memory_title(mem: dict) -> str:
     return (
         f"Peak memory: naive ~ T^{s['naive']:.2f}, tiled ~ T^{s['flash']:.2f}; "
         f"tiled uses {word} at T={mem['ratio_at']}"
+    )
+
+
+def hbm_titles(traffic: dict) -> tuple[str, str]:
+    """The two titles of the HBM figure, from the modelled ratios and on-chip bytes."""
+    row, blocks = traffic["by_head_dim"]["64"], traffic["blocks"]
+    lo, hi = row["ratio"][0], row["ratio"][-1]
+    trend = "less the bigger its tiles" if hi > lo else "NOT less with bigger tiles"
+    left = (
+        f"HBM traffic model (T={traffic['seq_len']}, bf16, non-causal), head_dim 64:\n"
+        f"the tiled version moves {less_or_more(lo)} at blocks of {blocks[0]}, "
+        f"{less_or_more(hi)} at blocks of {blocks[-1]}:\n{trend}"
+    )
+    fits = ", ".join(
+        f"head_dim {d}: {b if b is not None else 'none'}"
+        for d, b in traffic["largest_block_in_192_kib"].items()
+    )
+    right = (
+        "On-chip memory (SRAM + registers) for one tile step:\nQ_i, K_j, V_j, O~_i and the S tile;"
+        f" largest block within an A100 SM's 192 KiB:\n{fits}"
+    )
+    return left, right
+
+
+def sweep_title(speed: dict) -> str:
+    """The block-size panel's title, from the measured times and counted calls."""
+    sw = speed["block_sweep"]
+    i = sw["blocks"].index(sw["fastest_block"])
+    return (
+        f"Tiled loop vs block size: fastest at {sw['fastest_block']} ({sw['time_ms'][i]:.1f} ms)\n"
+        f"ATen calls: {sw['aten_calls'][0]} at blocks of {sw['blocks'][0]}, "
+        f"{sw['aten_calls'][-1]} at {sw['blocks'][-1]}"
     )
 
 
@@ -1233,10 +1336,18 @@ def collect_claims(
             fraction=frac,
         ),
         "memory_ratio": memory_statement(mem["ratio_naive_vs_flash"], mem["ratio_at"]),
-        "memory_slope": slope_statement(mem["slope"]["naive"], mem["slope"]["flash"]),
+        "memory_slope": slope_statement(
+            mem["slope"]["naive"], mem["slope"]["flash"], mem["slope_flash_minus_workspace"]
+        ),
+        "naive_memory_formula": claim(
+            f"naive attention's measured peak equals {mem['naive_formula']} at every T "
+            f"({mem['naive_equals_formula']})",
+            mem["naive_equals_formula"],
+        ),
         "hbm_traffic": claim(
-            f"HBM traffic model at T={traffic['seq_len']}, head_dim 64, blocks of 128: standard "
-            f"attention moves {traffic['ratio_block_128_d_64']:.1f}x the bytes of the tiled one",
+            f"HBM traffic model (non-causal, no hardware counter) at T={traffic['seq_len']}, "
+            f"head_dim 64, blocks of 128: standard attention moves "
+            f"{traffic['ratio_block_128_d_64']:.1f}x the bytes of the tiled one",
             traffic["ratio_block_128_d_64"] > 1,
             ratio=traffic["ratio_block_128_d_64"],
         ),
@@ -1380,9 +1491,9 @@ def plot_peak_memory(mem: dict) -> plt.Figure:
     ax.set_ylabel("peak allocated during the forward (MiB)")
     c = mem["config"]
     ax.set_title(
-        memory_title(mem) + f"\n(batch 1, {c['n_heads']} heads, head_dim "
-        f"{c['head_dim']}, fp32, blocks of {c['block']}; measured by {mem['method']}; slopes "
-        f"fitted over T = {mem['slope_fitted_over'][0]} .. {mem['slope_fitted_over'][-1]})",
+        memory_title(mem) + f"\n(batch 1, {c['n_heads']} heads, head_dim {c['head_dim']}, fp32, "
+        f"blocks of {c['block']}; measured by {mem['method']};\nslopes fitted over T = "
+        f"{mem['slope_fitted_over'][0]} .. {mem['slope_fitted_over'][-1]})",
         fontsize=9,
     )
     ax.legend(fontsize=8, loc="upper left")
@@ -1404,11 +1515,8 @@ def plot_hbm_traffic(traffic: dict) -> plt.Figure:
     ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.set_xlabel("block size B_r = B_c")
     ax.set_ylabel("standard bytes / tiled bytes")
-    ax.set_title(
-        f"HBM traffic model, T={traffic['seq_len']}, bf16: the tiled version moves\n"
-        "less the bigger its tiles (standard: Theta(Nd + N^2); tiled: Theta(N^2 d^2 / M))",
-        fontsize=9,
-    )
+    left, right = hbm_titles(traffic)
+    ax.set_title(left, fontsize=9)
     ax.legend(fontsize=8)
     ax2.axhline(192, color="C3", ls="--", lw=1, label="A100: 192 KiB L1/shared memory per SM")
     ax2.set_xscale("log", base=2)
@@ -1417,11 +1525,7 @@ def plot_hbm_traffic(traffic: dict) -> plt.Figure:
     ax2.set_ylabel("on-chip memory for one tile step (KiB)")
     for a in (ax, ax2):
         a.set_xticks(blocks, [str(b) for b in blocks])
-    ax2.set_title(
-        "What the block size costs in SRAM: Q_i, K_j, V_j, O~_i and the S tile\n"
-        "(why real kernels use blocks of 64-128)",
-        fontsize=9,
-    )
+    ax2.set_title(right, fontsize=9)
     ax2.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -1452,7 +1556,17 @@ def plot_speed(speed: dict) -> plt.Figure:
     ax.set_title(speed_title(speed), fontsize=9)
     sweep = speed["block_sweep"]
     err2 = [t * s / 2 for t, s in zip(sweep["time_ms"], sweep["spread"], strict=True)]
-    ax2.errorbar(sweep["blocks"], sweep["time_ms"], yerr=err2, fmt="o-", capsize=3, color="C1")
+    ax2.errorbar(
+        sweep["blocks"],
+        sweep["time_ms"],
+        yerr=err2,
+        fmt="o-",
+        capsize=3,
+        color="C1",
+        label="tiled (Python loop)",
+    )
+    ax2.axhline(speed["time_ms"]["sdpa"], color="C2", ls="--", label="SDPA (fused C++), reference")
+    ax2.legend(fontsize=8, loc="upper right")
     ax2.set_xscale("log", base=2)
     ax2.set_yscale("log")
     ax2.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
@@ -1461,7 +1575,7 @@ def plot_speed(speed: dict) -> plt.Figure:
     ax2.set_xticks(sweep["blocks"], [str(b) for b in sweep["blocks"]])
     ax2.set_xlabel("block size B_r = B_c")
     ax2.set_ylabel("median time per forward (ms)")
-    ax2.set_title("Tiled loop vs block size: fewer, larger tiles = fewer Python calls", fontsize=9)
+    ax2.set_title(sweep_title(speed), fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -1532,9 +1646,12 @@ def print_memory_row(t: int, peak: dict) -> None:
 def print_memory(mem: dict) -> None:
     s = mem["slope"]
     print(
-        f"  log-log slopes: naive {s['naive']:.2f}, tiled {s['flash']:.2f}, SDPA {s['sdpa']:.2f};"
+        f"  log-log slopes: naive {s['naive']:.2f}, tiled {s['flash']:.2f} "
+        f"({mem['slope_flash_minus_workspace']:.2f} without its fixed workspace of "
+        f"{mem['flash_workspace_bytes'] / 2**20:.2f} MiB), SDPA {s['sdpa']:.2f};"
         f" naive / tiled at T={mem['ratio_at']}: {mem['ratio_naive_vs_flash']:.1f}x"
     )
+    print(f"  naive peak = {mem['naive_formula']} at every T: {mem['naive_equals_formula']}")
 
 
 def print_traffic(traffic: dict) -> None:
@@ -1560,6 +1677,12 @@ def print_speed(speed: dict) -> None:
     print(
         f"  tiled: {speed['flash_vs_sdpa_words']}, {speed['flash_vs_naive_words']}; naive: "
         f"{speed['naive_vs_sdpa_words']}"
+    )
+    print(
+        f"  tiled: {speed['flash_aten_calls']} ATen calls for {speed['flash_tiles']} tiles "
+        f"({speed['flash_aten_calls_per_tile']:.1f} per tile, {speed['flash_us_per_tile']:.0f} us "
+        f"per tile); at head_dim 8 {ms['flash_head_dim_8']:.2f} ms "
+        f"({speed['head_dim_8_vs_64_time_ratio']:.0%} of head_dim 64)"
     )
     sw = speed["block_sweep"]
     print(

@@ -543,10 +543,16 @@ def test_speed_claim_and_words_follow_the_numbers():
         "spread": {"flash": 0.1, "sdpa": 0.2},
         "flash_tiles": 10,
         "flash_us_per_tile": 80.0,
+        "flash_aten_calls_per_tile": 31.0,
+        "head_dim_8_vs_64_time_ratio": 0.9,
         "config": {"seq_len": 256},
     }
     assert fa.speed_statement(speed)["held"]
     assert "30.0x slower" in fa.speed_statement(speed)["statement"]
+    assert "31 ATen calls" in fa.speed_statement(speed)["statement"]
+    assert "fixed cost per call" in fa.speed_statement(speed)["statement"]
+    speed["head_dim_8_vs_64_time_ratio"] = 0.2  # arithmetic dominated: the wording follows
+    assert "arithmetic is a large share" in fa.speed_statement(speed)["statement"]
     assert "naive 2.0x faster than SDPA" in fa.speed_title(speed)
     speed["flash_vs_sdpa_time_ratio"] = 0.8
     contrary = fa.speed_statement(speed)
@@ -560,6 +566,29 @@ def test_speed_claim_and_words_follow_the_numbers():
     assert fa.times_word(float("nan"), "b") == "not comparable with b"
     assert fa.times_word(0.25, "b") == "4.0x faster than b"
     assert fa.less_or_more(0.5) == "2.0x MORE" and fa.less_or_more(4) == "4.0x less"
+
+
+def test_hbm_and_sweep_titles_follow_the_numbers():
+    traffic = fa.hbm_traffic(4096, [64, 128], [16, 32, 64, 128, 256, 512])
+    left, right = fa.hbm_titles(traffic)
+    assert "2.0x MORE at blocks of 16" in left and "14.4x less at blocks of 512" in left
+    assert "less the bigger its tiles" in left
+    assert "head_dim 64: 128" in right  # 256 needs 288 KiB (sram_bytes), over 192
+    assert fa.sram_bytes(256, 64) > 192 * 1024 >= fa.sram_bytes(128, 64)
+    traffic["by_head_dim"]["64"]["ratio"] = [4.0, 2.0]
+    traffic["blocks"] = [16, 32]
+    assert "NOT less" in fa.hbm_titles(traffic)[0]
+    speed = {
+        "block_sweep": {
+            "blocks": [16, 64],
+            "time_ms": [9.0, 3.0],
+            "fastest_block": 64,
+            "aten_calls": [900, 60],
+        }
+    }
+    assert "fastest at 64 (3.0 ms)" in fa.sweep_title(speed) and "900 at blocks of 16" in (
+        fa.sweep_title(speed)
+    )
 
 
 def test_headline_docstring_example_runs():
@@ -597,6 +626,10 @@ def test_quick_run_writes_its_figures_and_results(run_main):
     assert r["equality"]["max_abs_err_backward"] <= ATOL
     assert r["tiling"]["counted_equals_formula"]
     assert r["memory"]["ratio_naive_vs_flash"] > 1
+    # the measured naive peak is S, P and O, byte for byte (house rule: formula beside measurement)
+    assert r["memory"]["naive_equals_formula"]
+    assert r["memory"]["flash_workspace_constant"]  # tiled: O + L grow, the tile workspace not
+    assert r["speed"]["flash_aten_calls"] > r["speed"]["flash_tiles"]
     for c in r["claims"].values():
         assert isinstance(c["held"], bool) and c["statement"]
     assert "goal" not in run.stdout.lower() and "issue" not in run.stdout.lower()
