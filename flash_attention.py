@@ -701,7 +701,7 @@ def _triton_kernel():
         BLOCK_K: tl.constexpr,
         HEAD_DIM: tl.constexpr,
     ):
-        i, bh = tl.program_id(0), tl.program_id(1)
+        i, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: b * stride may pass 2^31
         b, h = bh // n_heads, bh % n_heads
         hk = h // group  # NEW vs MHA: the KV head of this query head, no copy of K, V
         rows = i * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -756,8 +756,12 @@ def flash_attention_forward_triton(q, k, v, causal=False, block_q=64, block_k=64
     """The forward of ``flash_attention_forward`` as one Triton kernel (one program per query block
     and head). Optional: needs ``triton`` and a CUDA tensor (or ``TRITON_INTERPRET=1`` set before
     the first call, which runs it on CPU tensors, slowly). Block sizes and head_dim must be powers
-    of two >= 16 (``tl.dot`` tiles)."""
+    of two >= 16 (``tl.dot`` tiles); dtypes float32, float16, bfloat16 (``tl.dot`` has no float64;
+    float32 may run as tf32 on the GPU). Under the interpreter bfloat16 ``tl.dot`` gives wrong
+    numbers (a limit of the interpreter, not of the kernel): use float16 or float32 there."""
     scale = _check_attention_inputs(q, k, v, causal, scale)
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"q dtype ({q.dtype}) must be float32, float16 or bfloat16 for Triton")
     _check_sizes(block_q=block_q, block_k=block_k)
     for name, n in (("block_q", block_q), ("block_k", block_k), ("head_dim", q.shape[3])):
         if n < 16 or n & (n - 1):
@@ -1138,8 +1142,15 @@ def check_sliding_window(device: torch.device, window: int = 16, seq_len: int = 
     }
 
 
+TRITON_FP32_TOLERANCE = 1e-2  # max |error| in float32: tl.dot may round its inputs to tf32
+TRITON_CASES = {"equal_len": (1000, 1000), "q_shorter": (300, 1000)}  # (q_len, kv_len), causal
+
+
 def check_triton(device: torch.device) -> dict:
-    """The Triton kernel against the Python tiled forward, when a CUDA GPU and triton exist."""
+    """The Triton kernel against float64 attention, when a CUDA GPU and triton exist: float32
+    within TRITON_FP32_TOLERANCE (tf32), float16 and bfloat16 within Dao's criterion (at most
+    BF16_ERROR_RATIO x the error of PyTorch's attention in that dtype), for q_len = kv_len and
+    q_len < kv_len; the logsumexp against the Python forward."""
     if device.type != "cuda" or not triton_available():
         why = "no CUDA device" if device.type != "cuda" else "triton is not installed"
         return {
@@ -1147,16 +1158,39 @@ def check_triton(device: torch.device) -> dict:
             "status": f"not run here ({why}); the tests run it on the CPU through Triton's "
             "interpreter (TRITON_INTERPRET=1)",
         }
-    q, k, v = _random_qkv(2, 8, 2, 1000, 1000, 64, device)
-    o_ref, lse_ref = flash_attention_forward(q, k, v, True)
-    o, lse = flash_attention_forward_triton(q, k, v, True)
-    err, err_lse = max_abs_err(o, o_ref), max_abs_err(lse, lse_ref)
+    cases = {}
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for name, (tq, tk) in TRITON_CASES.items():
+            q, k, v = _random_qkv(2, 8, 2, tq, tk, 64, device, dtype)
+            exact = naive_attention(*(t.double() for t in (q, k, v)), True)
+            o, lse = flash_attention_forward_triton(q, k, v, True)
+            err = max_abs_err(o, exact)
+            err_torch = max_abs_err(sdpa_attention(q, k, v, True), exact)  # PyTorch, same dtype
+            limit = (
+                TRITON_FP32_TOLERANCE if dtype == torch.float32 else BF16_ERROR_RATIO * err_torch
+            )
+            cases[f"{str(dtype)[6:]}_{name}"] = {
+                "q_len": tq,
+                "kv_len": tk,
+                "max_abs_err_vs_float64": err,
+                "pytorch_err_vs_float64": err_torch,
+                "limit": limit,
+                "max_abs_err_lse_vs_python": max_abs_err(
+                    lse, flash_attention_forward(q, k, v, True)[1]
+                ),
+                "held": err <= limit,
+            }
+    held = all(c["held"] for c in cases.values())
+    worst = max(cases.values(), key=lambda c: c["max_abs_err_vs_float64"] / c["limit"])
     return {
         "ran": True,
-        "status": f"ran on {torch.cuda.get_device_name(device)}: max |error| vs the Python "
-        f"forward {err:.1e} (output), {err_lse:.1e} (logsumexp)",
-        "max_abs_err_vs_python": err,
-        "max_abs_err_lse": err_lse,
+        "status": f"ran on {torch.cuda.get_device_name(device)}, causal, float32 / float16 / "
+        f"bfloat16, q_len = kv_len and q_len < kv_len: within the limits in every case: {held} "
+        f"(worst: {worst['max_abs_err_vs_float64']:.1e} against a limit of {worst['limit']:.1e})",
+        "fp32_tolerance": TRITON_FP32_TOLERANCE,
+        "half_error_ratio": BF16_ERROR_RATIO,
+        "cases": cases,
+        "held": held,
     }
 
 
