@@ -59,8 +59,8 @@ alternating with global ones).
 
 Run it
 ------
-    uv run python flash_attention.py          # default sizes (about 80 s on a 2-core CPU)
-    uv run python flash_attention.py --quick  # small sizes, about 20 s
+    uv run python flash_attention.py          # default sizes
+    uv run python flash_attention.py --quick  # small sizes, a fast check
     uv run python flash_attention.py --out DIR --no-show --device cpu --seed 0
 
 It prints each check and measurement, saves every figure as PNG and every printed number in
@@ -81,13 +81,14 @@ References
 
 Contents
 --------
-2. Core: _check_attention_inputs, causal_mask, naive_attention, online_softmax,
-   flash_attention_forward (the headline), flash_attention_backward, FlashAttentionFunction,
-   flash_attention, sliding_window_mask, sliding_window_attention, RollingKVCache.
+2. Core: causal_mask, naive_attention, online_softmax, flash_attention_forward (the headline),
+   flash_attention_backward, FlashAttentionFunction, flash_attention, sliding_window_mask,
+   sliding_window_attention, RollingKVCache; then the checks at the door (_check_*).
 3. Baselines and apparatus: sdpa_attention, block_plan, skipped_block_formula,
-   hbm_traffic_bytes, sram_bytes, LiveTensorBytes, peak_bytes, flash_attention_forward_triton.
+   hbm_traffic_bytes, sram_bytes, AtenCallCounter, LiveTensorBytes, peak_bytes,
+   flash_attention_forward_triton.
 4. Experiments: check_equality, online_softmax_demo, tiling_plan, measure_peak_memory, hbm_traffic,
-   benchmark_speed, check_sliding_window, check_triton, the claim wording helpers.
+   benchmark_speed, check_sliding_window, check_triton, the claim and title wording helpers.
 5. Figures: plot_tiling, plot_online_softmax, plot_peak_memory, plot_hbm_traffic, plot_speed.
 6. Main: parse_args, print_* helpers, main.
 7. Plumbing (identical in every script).
@@ -1126,7 +1127,7 @@ def check_sliding_window(device: torch.device, window: int = 16, seq_len: int = 
         outs.append(sliding_window_attention(q[:, :, pos : pos + n], k_ctx, v_ctx, window))
         nbytes.append(cache.nbytes)
         pos += n
-    full_cache_bytes = 2 * 1 * 2 * seq_len * 16 * 4
+    full_cache_bytes = sum(t.numel() * t.element_size() for t in (k, v))  # every position kept
     return {
         "window": window,
         "seq_len": seq_len,

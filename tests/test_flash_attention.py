@@ -321,6 +321,9 @@ def test_rolling_cache_decode_equals_masked_reference_with_bounded_bytes(window,
     assert out["max_abs_err_vs_masked_reference"] <= ATOL
     assert out["cache_bytes_constant"]
     assert out["cache_bytes"] == 2 * 1 * 2 * window * 16 * 4
+    assert out["full_cache_bytes"] == 2 * 1 * 2 * seq_len * 16 * 4
+    if window < seq_len - 40:  # room for it: one chunk is longer than the window (overwrites)
+        assert max(out["chunks"]) > window
 
 
 def test_sliding_window_attention_equals_full_attention_when_window_covers_everything():
