@@ -1025,14 +1025,17 @@ def gradient_flow_comparison(
     small = smallest_in_most_layers(trained)
     losses = {v: r["loss_trained"] for v, r in flow["variants"].items()}
     small["loss_rank"] = sorted(losses, key=losses.get).index(small["variant"]) + 1
-    small["statement"] = trained_norms_statement(small, losses, steps, lr)
+    small["statement"] = trained_norms_statement(small, losses, steps, lr, math.log(vocab_size))
     flow["smallest_after_training"] = small
     return flow
 
 
-def trained_norms_statement(small: dict, losses: dict[str, float], steps: int, lr: float) -> str:
+def trained_norms_statement(
+    small: dict, losses: dict[str, float], steps: int, lr: float, uniform: float
+) -> str:
     """Which FFN keeps the smallest gradients after training, and whether its loss is also the
-    lowest: a small gradient means a flat loss there, not necessarily a low one."""
+    lowest (``uniform``: the loss of a uniform guess, for scale): a small gradient means a flat
+    loss there, not necessarily a low one."""
     variant, rank = small["variant"], small["loss_rank"]
     best = min(losses, key=losses.get)
     head = (
@@ -1043,7 +1046,8 @@ def trained_norms_statement(small: dict, losses: dict[str, float], steps: int, l
         return f"{head}, and its loss, {losses[variant]:.3f} nats, is also the lowest"
     return (
         f"{head}, yet its loss ranks {rank} of {len(losses)} ({losses[variant]:.3f} nats; "
-        f"lowest: {FFN_LABELS[best]}, {losses[best]:.3f}): a small gradient is not a low loss"
+        f"lowest: {FFN_LABELS[best]}, {losses[best]:.3f}; a uniform guess: {uniform:.3f}): a "
+        "small gradient is not a low loss"
     )
 
 
@@ -1605,12 +1609,12 @@ def plot_training_curves(train: dict) -> plt.Figure:
     axes[1].set_xticks(range(len(names)), [FFN_LABELS[v] for v in names], rotation=30, fontsize=9)
     axes[1].set_ylabel("final expected loss (nats)")
     axes[1].set_title("Final loss per seed (x) and mean $\\pm$ std, best first")
-    fig.suptitle(training_title(train))
+    fig.suptitle(training_curves_title(train))
     return fig
 
 
-def training_title(train: dict) -> str:
-    """The training_curves title: the FFN weights (equal or not, counted), steps, task floor."""
+def training_curves_title(train: dict) -> str:
+    """The training_curves.png title: the FFN weights (equal or not, counted), steps, task floor."""
     counts = {r["ffn_params"] for v, r in train["variants"].items() if v != "none"}
     params = (
         f"Equal parameters ({counts.pop():,} FFN weights each)"

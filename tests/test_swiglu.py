@@ -679,11 +679,12 @@ def test_smallest_in_most_layers_counts_layers():
 
 def test_trained_norms_statement_says_whether_the_smallest_gradient_has_the_lowest_loss():
     small = {"variant": "silu", "label": "SiLU FFN", "layers": 2, "n_layers": 3}
-    also = swiglu.trained_norms_statement({**small, "loss_rank": 1}, {"silu": 2.0}, 50, 1e-2)
+    also = swiglu.trained_norms_statement({**small, "loss_rank": 1}, {"silu": 2.0}, 50, 1e-2, 3.0)
     assert "also the lowest" in also and "2 of 3 layers" in also and "lr 0.01" in also
     losses = {"silu": 2.5, "relu": 2.6, "swiglu": 2.1}
-    not_lowest = swiglu.trained_norms_statement({**small, "loss_rank": 2}, losses, 50, 1e-2)
+    not_lowest = swiglu.trained_norms_statement({**small, "loss_rank": 2}, losses, 50, 1e-2, 3.0)
     assert "ranks 2 of 3" in not_lowest and "lowest: SwiGLU, 2.100" in not_lowest
+    assert "uniform guess: 3.000" in not_lowest
     assert "also the lowest" not in not_lowest
 
 
@@ -693,9 +694,9 @@ def test_training_title_counts_the_ffn_weights():
         task = {"entropy_floor_nats": 2.0}
         return {"variants": variants, "steps": 10, "seeds": [0, 1], "task": task}
 
-    equal = swiglu.training_title(train({"relu": 96, "swiglu": 96, "none": 0}))
+    equal = swiglu.training_curves_title(train({"relu": 96, "swiglu": 96, "none": 0}))
     assert equal.startswith("Equal parameters (96 FFN weights each)")
-    unequal = swiglu.training_title(train({"relu": 96, "swiglu": 90, "none": 0}))
+    unequal = swiglu.training_curves_title(train({"relu": 96, "swiglu": 90, "none": 0}))
     assert unequal.startswith("90 to 96 FFN weights") and "Equal" not in unequal
 
 
