@@ -19,18 +19,22 @@ on the cached latents. RoPE cannot be applied to the up-projected keys (it would
 two matrices being folded), so positions are carried by a separate, small, "decoupled" rotary
 part of each query head and one rotary key shared by all heads.
 
-The math (DeepSeek-V2 eqs. 9-19, per token t, head i; names as in the checkpoints)
+The math (DeepSeek-V2 section 2.1, its equation numbers; per token t, head i; checkpoint names)
 --------
-    c_kv_t  = RMSNorm(W_DKV h_t)                 kv_a_proj_with_mqa rows [:d_c], kv_a_layernorm
-    k_pe_t  = RoPE_t(W_KR h_t)                   kv_a_proj_with_mqa rows [d_c:]   (one head)
-    k_nope_{t,i} = W_UK_i c_kv_t                 kv_b_proj rows of head i, first qk_nope_head_dim
-    v_{t,i}      = W_UV_i c_kv_t                 kv_b_proj rows of head i, last v_head_dim
-    c_q_t   = RMSNorm(W_DQ h_t)                  q_a_proj, q_a_layernorm  (or plain q_proj)
-    q_nope_{t,i} = W_UQ_i c_q_t                  q_b_proj rows of head i, first qk_nope_head_dim
-    q_pe_{t,i}   = RoPE_t(W_QR_i c_q_t)          q_b_proj rows of head i, last qk_rope_head_dim
-    q_{t,i} = [q_nope; q_pe],  k_{j,i} = [k_nope_{j,i}; k_pe_j]
-    o_{t,i} = sum_j softmax_j(q_{t,i} . k_{j,i} / sqrt(d_nope + d_rope)) v_{j,i}
-    u_t     = W_O [o_{t,1}; ...; o_{t,n_heads}]                           o_proj
+    (9)  c_kv_t  = RMSNorm(W_DKV h_t)            kv_a_proj_with_mqa rows [:d_c], kv_a_layernorm
+    (10) k_nope_{t,i} = W_UK_i c_kv_t            kv_b_proj rows of head i, first qk_nope_head_dim
+    (11) v_{t,i}      = W_UV_i c_kv_t            kv_b_proj rows of head i, last v_head_dim
+    (12) c_q_t   = RMSNorm(W_DQ h_t)             q_a_proj, q_a_layernorm  (or plain q_proj)
+    (13) q_nope_{t,i} = W_UQ_i c_q_t             q_b_proj rows of head i, first qk_nope_head_dim
+    (14) q_pe_{t,i}   = RoPE_t(W_QR_i c_q_t)     q_b_proj rows of head i, last qk_rope_head_dim
+    (15) k_pe_t  = RoPE_t(W_KR h_t)              kv_a_proj_with_mqa rows [d_c:]   (one head)
+    (16) q_{t,i} = [q_nope_{t,i}; q_pe_{t,i}]
+    (17) k_{j,i} = [k_nope_{j,i}; k_pe_j]        (k_pe_j shared by every head)
+    (18) o_{t,i} = sum_{j<=t} softmax_j(q_{t,i} . k_{j,i} / sqrt(d_nope + d_rope)) v_{j,i}
+    (19) u_t     = W_O [o_{t,1}; ...; o_{t,n_heads}]                      o_proj
+Here d_nope = qk_nope_head_dim (the paper's d_h), d_rope = qk_rope_head_dim (d_h^R), d_c =
+kv_lora_rank; "nope" = no position encoding (the content part, the paper's superscript C), "pe"
+= the rotary part (superscript R).
 The paper's equations omit the two RMSNorms on the latents (its section 3.1.2 mentions them);
 DeepSeek's checkpoints have them. Only ``c_kv_t`` and ``k_pe_t`` are cached:
 ``(kv_lora_rank + qk_rope_head_dim)`` numbers per token per layer, which with DeepSeek-V2's
@@ -38,25 +42,26 @@ d_c = 4 d_h and d_rope = d_h / 2 is 9/2 d_h. Table 1 of the paper counts element
 all l layers: MHA 2 n_h d_h l, GQA 2 n_g d_h l, MQA 2 d_h l, MLA (d_c + d_h^R) l ~ 9/2 d_h l,
 "equal to GQA with only 2.25 groups".
 
-Absorption (why decoding need not rebuild keys and values), for head i, query t, key j:
-    (1) q_nope_{t,i} . k_nope_{j,i} = (W_UQ_i c_q_t)^T (W_UK_i c_kv_j)
-                                    = (W_UK_i^T q_nope_{t,i}) . c_kv_j
-    (2) score_{t,j,i} = (q_lat_{t,i} . c_kv_j + q_pe_{t,i} . k_pe_j) / sqrt(d_nope + d_rope),
-        with q_lat_{t,i} = W_UK_i^T q_nope_{t,i}  (d_c numbers per head)
-    (3) o_{t,i} = sum_j a_{t,j,i} W_UV_i c_kv_j = W_UV_i (sum_j a_{t,j,i} c_kv_j)
-                = W_UV_i o_lat_{t,i}      (a = the softmax weights)
-    (4) u_t = sum_i W_O_i W_UV_i o_lat_{t,i}      (W_O_i = the o_proj columns of head i)
+Absorption (why decoding need not rebuild keys and values), for head i, query t, key j; numbered
+(A1)-(A4) here, as these lines are not in the paper:
+    (A1) q_nope_{t,i} . k_nope_{j,i} = (W_UQ_i c_q_t)^T (W_UK_i c_kv_j)
+                                     = (W_UK_i^T q_nope_{t,i}) . c_kv_j
+    (A2) score_{t,j,i} = (q_lat_{t,i} . c_kv_j + q_pe_{t,i} . k_pe_j) / sqrt(d_nope + d_rope),
+         with q_lat_{t,i} = W_UK_i^T q_nope_{t,i}  (d_c numbers per head)
+    (A3) o_{t,i} = sum_j a_{t,j,i} W_UV_i c_kv_j = W_UV_i (sum_j a_{t,j,i} c_kv_j)
+                 = W_UV_i o_lat_{t,i}      (a = the softmax weights)
+    (A4) u_t = sum_i W_O_i W_UV_i o_lat_{t,i}      (W_O_i = the o_proj columns of head i)
 So every head attends over the same cached latents (an MQA with a 576-dim key and a 512-dim
 value). Per decode step and cached token that is 2 n_heads (2 d_c + d_rope) FLOPs, instead of
 the 2 n_heads d_c (d_nope + d_v) it takes to rebuild the token's keys and values through
 ``kv_b_proj`` (see ``decode_flops``).
-The paper phrases (1) as folding W_UK into W_UQ (one position-free matrix W_UQ_i^T W_UK_i) and
-(4) as folding W_UV into W_O. DeepSeek-V3's ``inference/model.py`` (absorb mode) and
+The paper phrases (A1) as folding W_UK into W_UQ (one position-free matrix W_UQ_i^T W_UK_i) and
+(A4) as folding W_UV into W_O. DeepSeek-V3's ``inference/model.py`` (absorb mode) and
 ``attend_absorbed`` below instead apply W_UK_i^T to q_nope and W_UV_i to o_lat at run time:
 same result, fewer FLOPs and parameters than the merged matrices (W_O_i W_UV_i alone would be
 d_model x d_c per head).
 Why RoPE on the nope part would break this: with k_nope_{j,i} = R_j W_UK_i c_kv_j and
-q_nope_{t,i} = R_t W_UQ_i c_q_t, line (1) becomes c_q_t^T W_UQ_i^T R_(j-t) W_UK_i c_kv_j: a
+q_nope_{t,i} = R_t W_UQ_i c_q_t, line (A1) becomes c_q_t^T W_UQ_i^T R_(j-t) W_UK_i c_kv_j: a
 rotation that differs for every cached token j sits between W_UQ_i and W_UK_i, so no fixed matrix
 can be folded into the query and every cached key would have to be rebuilt at every step.
 Hence the decoupled ``q_pe`` / ``k_pe``: position lives in a small extra part that is cached
@@ -97,11 +102,12 @@ Contents
 2. Core: ``MLAConfig``; validation helpers (``_check_sizes`` ...); ``RMSNorm``; RoPE
    (``rope_inv_freq``, ``rope_cos_sin``, ``rotate_half``, ``apply_rope``,
    ``apply_rope_deinterleaved``); ``MultiHeadLatentAttention`` (``project_queries``,
-   ``compress_kv``, ``attend_naive``, ``attend_absorbed``, ``new_cache``); ``LatentKVCache``;
-   ``causal_mask``, ``_check_cache_write``, ``_check_cache_tensor``.
-3. Baselines and apparatus: ``KVCache`` and ``RopeMHABaseline`` (plain MHA), ``SwiGLU``,
-   ``MLABlock``, ``MLALanguageModel``; ``run_chunks``; cache byte counts
-   (``measured_cache_bytes_per_token``, ``kv_cache_bytes``); ``decode_flops``, ``decode_setup``.
+   ``compress_kv``, ``attend_naive``, ``attend_absorbed``, ``new_cache``); ``LatentKVCache``.
+3. Baselines and apparatus: ``causal_mask`` and the cache-write rules (``_check_cache_write``,
+   ``_check_cache_tensor``); ``deepseek_v2_config``, ``deepseek_v3_config``; ``KVCache`` and
+   ``RopeMHABaseline`` (plain MHA), ``SwiGLU``, ``MLABlock``, ``MLALanguageModel``;
+   ``run_chunks``; cache byte counts (``measured_cache_bytes_per_token``, ``kv_cache_bytes``,
+   ``mla_bytes_per_token_formula``); ``decode_flops``, ``decode_setup``.
 4. Experiments: ``absorption_fold_check``, ``check_correctness``, ``table1_cache_elements``,
    ``deepseek_cache``, ``benchmark_decode``, ``make_claims`` (with ``claim``, ``print_claims``).
 5. Figures: ``plot_mla_data_flow``, ``plot_cache_vs_context``, ``plot_decode_time``,
@@ -110,8 +116,9 @@ Contents
 7. Plumbing (identical in every script): timer, device, machine info, flags, ``save_outputs``.
 
 Read first: the math above, then ``MultiHeadLatentAttention``: ``compress_kv`` (what is cached),
-``attend_naive`` and ``attend_absorbed`` side by side (equations (1)-(4) are tagged on the lines
-that compute them), then ``LatentKVCache.update``; ``decode_flops`` for the cost of each path.
+``attend_naive`` and ``attend_absorbed`` side by side (the paper's equations (9)-(19) and the
+absorption's (A1)-(A4) are tagged on the lines that compute them), then
+``LatentKVCache.update``; ``decode_flops`` for the cost of each path.
 """
 
 from __future__ import annotations
@@ -371,19 +378,19 @@ class MultiHeadLatentAttention(nn.Module):
         batch, seq_len, _ = x.shape
         if c.q_lora_rank is None:
             q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))  # c_q = RMSNorm(W_DQ h)
+        else:  # (12) c_q = RMSNorm(W_DQ h), then (13)-(14) W_UQ c_q and W_QR c_q in one matmul
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(batch, seq_len, c.n_heads, c.qk_head_dim).transpose(1, 2)
         # (batch, n_heads, seq_len, d_nope + d_rope)
-        q_nope, q_pe = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
+        q_nope, q_pe = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)  # (13), (14)
         # NEW vs MHA: RoPE only on the small decoupled part q_pe, never on q_nope
-        return q_nope, self.rope(q_pe, positions)
+        return q_nope, self.rope(q_pe, positions)  # (14) RoPE_t(W_QR c_q)
 
     def compress_kv(self, x: torch.Tensor, positions: torch.Tensor):
         """What gets cached: c_kv (batch, seq_len, d_c), rotated k_pe (batch, seq_len, d_rope)."""
         c = self.config
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
-        return self.kv_a_layernorm(c_kv), self.rope(k_pe, positions)
+        return self.kv_a_layernorm(c_kv), self.rope(k_pe, positions)  # (9), (15)
 
     def attend_naive(self, q_nope, q_pe, c_kv, k_pe, mask):
         """Rebuild per-head keys and values from every cached latent, then standard attention."""
@@ -391,12 +398,12 @@ class MultiHeadLatentAttention(nn.Module):
         batch, kv_len, _ = c_kv.shape
         kv = self.kv_b_proj(c_kv).view(batch, kv_len, c.n_heads, c.qk_nope_head_dim + c.v_head_dim)
         kv = kv.transpose(1, 2)  # (batch, n_heads, kv_len, d_nope + d_v)
-        k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
+        k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)  # (10), (11)
         k_pe = k_pe[:, None].expand(-1, c.n_heads, -1, -1)  # one rope key shared by all heads
-        q = torch.cat((q_nope, q_pe), dim=-1)  # (batch, n_heads, q_len, d_nope + d_rope)
-        k = torch.cat((k_nope, k_pe), dim=-1)  # (batch, n_heads, kv_len, d_nope + d_rope)
+        q = torch.cat((q_nope, q_pe), dim=-1)  # (16) (batch, n_heads, q_len, d_nope + d_rope)
+        k = torch.cat((k_nope, k_pe), dim=-1)  # (17) (batch, n_heads, kv_len, d_nope + d_rope)
         scores = torch.matmul(q, k.transpose(-1, -2)) * self.softmax_scale
-        return torch.matmul(self.softmax(scores, mask), v)  # (batch, n_heads, q_len, d_v)
+        return torch.matmul(self.softmax(scores, mask), v)  # (18) (batch, n_heads, q_len, d_v)
 
     def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
         """NEW vs MHA: attend in latent space, W_UK folded into the query, W_UV after the sum."""
@@ -404,14 +411,14 @@ class MultiHeadLatentAttention(nn.Module):
         w = self.kv_b_proj.weight.view(c.n_heads, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
         w_uk, w_uv = w.split([c.qk_nope_head_dim, c.v_head_dim], dim=1)
         # w_uk (n_heads, d_nope, d_c), w_uv (n_heads, d_v, d_c)
-        q_lat = torch.einsum("bhsd,hdc->bhsc", q_nope, w_uk)  # (1) W_UK^T q_nope: (b, h, s, d_c)
+        q_lat = torch.einsum("bhsd,hdc->bhsc", q_nope, w_uk)  # (A1) W_UK^T q_nope: (b, h, s, d_c)
         scores = (
-            torch.einsum("bhsc,btc->bhst", q_lat, c_kv)  # (2) content part, latent keys
-            + torch.einsum("bhsr,btr->bhst", q_pe, k_pe)  # (2) rope part, shared key
+            torch.einsum("bhsc,btc->bhst", q_lat, c_kv)  # (A2) content part, latent keys
+            + torch.einsum("bhsr,btr->bhst", q_pe, k_pe)  # (A2) rope part, shared key
         ) * self.softmax_scale
         attn = self.softmax(scores, mask)
-        o_lat = torch.einsum("bhst,btc->bhsc", attn, c_kv)  # (3) sum_j a c_kv_j: (b, h, s, d_c)
-        return torch.einsum("bhsc,hvc->bhsv", o_lat, w_uv)  # (3) W_UV o_lat: (b, h, s, d_v)
+        o_lat = torch.einsum("bhst,btc->bhsc", attn, c_kv)  # (A3) sum_j a c_kv_j: (b, h, s, d_c)
+        return torch.einsum("bhsc,hvc->bhsv", o_lat, w_uv)  # (A3) W_UV o_lat: (b, h, s, d_v)
 
     @staticmethod
     def softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -441,7 +448,7 @@ class MultiHeadLatentAttention(nn.Module):
         attend = self.attend_naive if mode == "naive" else self.attend_absorbed
         o = attend(q_nope, q_pe, c_kv, k_pe, mask)  # (batch, n_heads, seq_len, d_v)
         o = o.transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.config.v_head_dim)
-        return self.o_proj(o)  # (4) absorbed: u = sum_i W_O_i (W_UV_i o_lat_i)
+        return self.o_proj(o)  # (19); absorbed, with (A3) before it, this is (A4)
 
     def new_cache(self, batch_size, max_seq_len=None, dtype=None, device=None) -> LatentKVCache:
         """An empty :class:`LatentKVCache`; None: the config's max_seq_len, the weights' dtype
@@ -462,8 +469,10 @@ class LatentKVCache:
 
     ``kv_cache`` (batch, max_seq_len, kv_lora_rank) holds c_kv = kv_a_layernorm(W_DKV h);
     ``pe_cache`` (batch, max_seq_len, qk_rope_head_dim) holds k_pe = RoPE(W_KR h), already rotated
-    (so a cached token never needs its position again). Same names as DeepSeek-V3's
-    ``inference/model.py``; same methods and rules as :class:`KVCache`.
+    (so a cached token never needs its position again); with ``rope_interleave`` its pairs are
+    de-interleaved as Hugging Face caches them (DeepSeek-V3's ``inference/model.py`` keeps them
+    in place: a permutation apart, the same scores). Same buffer names as DeepSeek-V3; same
+    methods and rules as :class:`KVCache`.
     """
 
     def __init__(
