@@ -803,4 +803,10 @@ def test_main_quick_writes_figures_and_results(run_main):
     for key in ("naive_equals_absorbed", "cached_generation_identical", "table1_reproduced"):
         assert claims[key]["held"] is True, claims[key]
     assert claims["mla_cache_smaller_than_mha"]["held"] is True
+    # arithmetic per cache byte, from the module docstring: one cached token costs absorbed MLA
+    # 2 h (2 d_c + d_rope) FLOPs for (d_c + d_rope) fp32 numbers, MHA 4 h d_h for 2 h d_h numbers
+    h, d_c, d_r = cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    assert d["flops_per_cache_byte"] == pytest.approx(
+        {"mla": 2 * h * (2 * d_c + d_r) / ((d_c + d_r) * 4), "mha": 4 / (2 * 4)}
+    )
     assert all(c["statement"] in run.stdout for c in claims.values())
