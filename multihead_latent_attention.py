@@ -1472,6 +1472,20 @@ def plot_mla_data_flow(config: MLAConfig) -> plt.Figure:
         style="italic",
     )
     box(13.0, 0.1, 2.7, 0.75, f"o_proj → $u_t$ ({c.d_model})", "in")
+    # DeepSeek-V2's equation numbers (and the docstring's (A1)-(A3)) at each box's corner
+    for x, y, eqs in (
+        (2.0, 8.5, "(12)"),
+        (5.3, 8.5, "(13), (14)"),
+        (8.8, 8.7, "(13)"),
+        (8.8, 7.4, "(14)"),
+        (2.0, 3.1, "(9), (15)"),
+        (5.3, 3.65, "(9)"),
+        (5.3, 2.0, "(15)"),
+        (12.0, 7.6, "(10), (11), (16)-(18)"),
+        (12.0, 1.35, "(A1)-(A3)"),
+        (13.0, 0.85, "(19)"),
+    ):
+        ax.text(x + 0.05, y + 0.05, f"eq. {eqs}", fontsize=9, color="#555555", va="bottom")
     arrow(14.35, 1.35, 14.35, 0.85)
     ax.plot([16.7, 16.85, 16.85], [6.4, 6.4, 0.47], color="#333333", lw=1.3)
     arrow(16.85, 0.47, 15.7, 0.47)
