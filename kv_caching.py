@@ -1,11 +1,12 @@
-"""KV caching: generate with a GPT-style transformer in linear, not quadratic, time.
+"""KV caching: n generated tokens cost O(n d^2 + n^2 d) FLOPs instead of O(n^2 d^2 + n^3 d).
 
 The problem
 -----------
 A decoder-only transformer generates one token at a time. Step t needs the keys and values of
 all t previous tokens. Without a cache, the model runs a full forward pass over the whole prefix
 at every step, so step t costs O(t * d_model^2 + t^2 * d_model) FLOPs and generating n tokens
-costs O(n^2) (quadratic in the prefix, for the matmuls) or worse. Almost all of that work is
+costs O(n^2 d_model^2 + n^3 d_model) in total (quadratic in n for the weight matmuls, cubic for
+attention). Almost all of that work is
 recomputing keys and values that were already computed at the previous step: in a causal model
 the key and value of token j never change once token j is known.
 
@@ -14,7 +15,9 @@ The idea
 Keep the keys and values of every layer in a cache. A decode step then runs the model on the
 *one* new token: it computes that token's query, key and value, appends k and v to the cache,
 and attends from the one query to all cached keys. Step t now costs O(d_model^2 + t * d_model):
-the weight matmuls are constant, only the (cheap) attention read grows with t. The price is
+the weight matmuls are constant, only the (cheap) attention read grows with t, so n tokens cost
+O(n d_model^2 + n^2 d_model) in total: linear in n for the matmuls, still quadratic for the
+attention reads (which stay small next to the matmuls while n << d_model). The price is
 memory: the cache holds 2 * n_layers * n_heads * head_dim numbers per token, and for a real
 model at a long context it can be larger than the weights (see ``RELEASED_MODELS``). Decoding is
 then bound by memory bandwidth: every step reads every weight and the whole cache once.
@@ -22,7 +25,11 @@ then bound by memory bandwidth: every step reads every weight and the whole cach
 Two ways to hold the cache:
 - ``ConcatKVCache`` grows with ``torch.cat``: simple, but every step copies the whole cache.
 - ``KVCache`` pre-allocates ``(batch, n_heads, max_seq_len, head_dim)`` buffers and writes the new
-  token in place at ``start_pos``, returning views of the filled prefix (Meta's llama, gpt-fast).
+  token in place at ``start_pos``, returning views of the filled prefix. Production code does one
+  half of this each: Meta's llama pre-allocates ``(bsz, max_seq_len, n_kv_heads, head_dim)`` (seq
+  before heads) and returns prefix slices ``cache_k[:bsz, :start_pos + seqlen]``; gpt-fast
+  pre-allocates ``(B, H, S, D)`` as here but returns the *whole* buffer plus a mask, so every step
+  has the same shapes (what ``torch.compile`` and CUDA graphs need).
 
 The math
 --------
@@ -75,7 +82,8 @@ References
   arXiv 2405.04434, and "DeepSeek-V3 Technical Report", 2024, arXiv 2412.19437.
 - Reference code: karpathy/nanoGPT ``model.py`` (the GPT-2 model, no cache);
   meta-llama/llama ``llama/model.py`` (``Attention.forward``: pre-allocated ``cache_k``/``cache_v``
-  written at ``start_pos``); pytorch-labs/gpt-fast ``model.py`` (``KVCache.update``);
+  (bsz, seq, n_kv_heads, head_dim) written at ``start_pos``, prefix slices read back);
+  pytorch-labs/gpt-fast ``model.py`` (``KVCache.update``: (B, H, S, D), whole buffer returned);
   huggingface/transformers ``src/transformers/models/gpt2/modeling_gpt2.py`` (the weights we load).
 
 Contents
@@ -84,17 +92,20 @@ Contents
    ``attention``, ``CausalSelfAttention``, ``Block``, ``GPT`` (``forward``, ``new_cache``,
    ``generate``).
 3. Baselines and apparatus: ``ConcatKVCache`` (the ``torch.cat`` baseline), sampling
-   (``sample_next``), ``GPTConfig``, ``MLP``, ``gpt2``, ``load_hf_gpt2`` (behind
+   (``sample_next``), ``GPTConfig``, ``MLP`` (GPT's config and feed-forward, kept here so the
+   core stays one screen of cache and attention; ``GPT`` also uses ``check_token_ids``,
+   ``_sample`` and ``CACHE_KINDS`` from here), ``gpt2``, ``load_hf_gpt2`` (behind
    ``GPT.from_hf_gpt2``), ``kv_cache_bytes``, ``mla_cache_bytes``, ``decode_step_flops``,
    ``fit_loglog_slope``, ``decode_positions``, ``interleaved_rounds``, ``spread``,
    ``check_token_ids``, ``RELEASED_MODELS``, ``llama_param_count``, bandwidth probes,
    ``tiny_widths``, ``main_decode_cost``.
 4. Experiments: ``check_correctness``, ``benchmark_decode``, ``scaling_analysis``,
    ``concat_cost_analysis``, ``measure_memory``, ``real_model_cache_table``,
-   ``bandwidth_analysis``, ``attention_picture``, ``hf_demo``, the claims (``decode_claims``).
+   ``bandwidth_analysis``, ``attention_picture``, ``hf_demo``, the claims (``claim``,
+   ``growth_verdict``, ``estimate_claim``, ``decode_claims``).
 5. Figures: ``plot_decode_time``, ``plot_cumulative_time``, ``plot_cache_vs_context``,
    ``plot_real_model_cache``, ``plot_decode_attention`` and the titles they compute.
-6. Main: ``parse_args``, ``SIZES``, the ``print_*`` helpers, ``main``.
+6. Main: ``parse_args``, ``SIZES``, the ``print_*`` helpers (``print_claims`` too), ``main``.
 7. Plumbing (identical in every script).
 
 Read first: ``KVCache.update`` (write in place at ``start_pos``, return views of the prefix),
@@ -145,15 +156,6 @@ def _check_start_pos(start_pos: int) -> None:
         raise TypeError(f"start_pos ({start_pos!r}) must be an int")
     if start_pos < 0:
         raise ValueError(f"start_pos ({start_pos}) must be >= 0")
-
-
-def _check_positive(**values: float) -> None:
-    """Every value (a base, a factor, an eps) must be a finite real number > 0."""
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{name} ({value!r}) must be a real number")
-        if not math.isfinite(value) or value <= 0:
-            raise ValueError(f"{name} ({value}) must be finite and > 0")
 
 
 def _check_float_tensor(name: str, t: torch.Tensor, last_dim: int | None = None) -> None:
@@ -277,7 +279,7 @@ def _attention_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     q_len, kv_len = q.shape[2], k.shape[2]
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (3) (batch, n_heads, q_len, kv_len)
     scores = scores.masked_fill(~causal_mask(q_len, kv_len, q.device), float("-inf"))  # (4)
-    return torch.softmax(scores, dim=-1)  # each row sums to 1
+    return scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)  # each row sums to 1
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str) -> torch.Tensor:
@@ -400,8 +402,10 @@ class GPT(nn.Module):
         if kind not in CACHE_KINDS:
             raise ValueError(f"kind ({kind!r}) must be one of 'static', 'concat'")
         dtype = self.lm_head.weight.dtype if dtype is None else dtype
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"dtype ({dtype!r}) must be a floating-point torch.dtype")
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype ({dtype!r}) must be a torch.dtype")
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype ({dtype}) must be a floating-point dtype")
         device, c = self.lm_head.weight.device if device is None else device, self.config
         # Plain multi-head attention: each layer caches n_kv_heads = n_heads heads.
         layer = CACHE_KINDS[kind]
@@ -494,6 +498,15 @@ class GPT(nn.Module):
 # =============================================================================
 # 3. Baselines and apparatus: GPT-2 weights, cost formulas, timers, released models
 # =============================================================================
+
+
+def _check_positive(**values: float) -> None:
+    """Every value (a base, a factor, an eps) must be a finite real number > 0."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} ({value!r}) must be a real number")
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} ({value}) must be finite and > 0")
 
 
 class ConcatKVCache:
@@ -835,18 +848,23 @@ def interleaved_rounds(
     """Seconds per call of each fn, timed in interleaved rounds (a, b, c, a, b, c, ...).
 
     A shared machine's speed drifts between two timings; alternating the methods lets each round
-    compare them under the same load, and the rounds give a spread. After ``rounds`` rounds more
+    compare them under the same load, and the rounds give a spread. One warm-up round (a quarter
+    of ``min_run_time`` per fn) runs first and is discarded, so that allocator and cache warm-up
+    cannot make one round an outlier that decides a min-max spread. After ``rounds`` rounds more
     are run, up to ``MAX_ROUNDS``, while ``settled(times)`` is False (spread exceeds effect).
     """
     if not isinstance(fns, dict) or not fns or not all(map(callable, fns.values())):
         raise ValueError(f"fns ({fns!r}) must be a non-empty dict of functions to time")
     _check_sizes(rounds=rounds)
     _check_positive(min_run_time=min_run_time)
+    for fn in fns.values():  # the discarded warm-up round
+        median_time_s(fn, min_run_time / 4)
     times: dict[str, list[float]] = {name: [] for name in fns}
+    done = 0
     while True:
         for name, fn in fns.items():
             times[name].append(median_time_s(fn, min_run_time))
-        done = len(times[name])
+        done += 1
         if done >= MAX_ROUNDS or (done >= rounds and (settled is None or settled(times))):
             return times
 
@@ -1514,10 +1532,11 @@ FLAT_GROWTH = 1.5  # a cached step that grows at most 1.5x over the sweep reads 
 
 def growth_verdict(s: dict, nc: dict) -> str:
     """How a cached step grew from the first to the last context (per-round spread ``s``),
-    next to the uncached step's growth ``nc``: 'faster' (it shrank: warm-up or load), 'noisy'
-    (the spreads overlap), 'flat' (at most ``FLAT_GROWTH``x in every round) or 'grew'.
+    next to the uncached step's growth ``nc``: 'faster' (the median shrank below
+    1 / ``FLAT_GROWTH``: warm-up or load), 'noisy' (the spreads overlap), 'flat' (at most
+    ``FLAT_GROWTH``x in every round) or 'grew'.
     The one rule behind both ``flat_claim`` and the decode_time.png title."""
-    if s["hi"] < 1 / FLAT_GROWTH:
+    if s["center"] < 1 / FLAT_GROWTH:
         return "faster"
     if s["hi"] >= nc["lo"]:
         return "noisy"
@@ -1528,12 +1547,6 @@ def claim(statement: str, held: bool, **numbers) -> dict:
     """One printed claim: a sentence computed from the measured ``numbers`` it rests on, and
     whether they bear out the usual story (``held``). Goes into results.json under ``claims``."""
     return {"statement": statement, "held": bool(held), **numbers}
-
-
-def print_claims(claims: dict) -> None:
-    """Each claim on one line, marked by whether this run's numbers bore it out."""
-    for c in claims.values():
-        print(f"  [{'held' if c['held'] else 'not shown by this run'}] {c['statement']}")
 
 
 def _range(s: dict, fmt: str = ".2f") -> str:
@@ -1745,7 +1758,10 @@ def plot_decode_time(bench: dict, scaling: dict) -> plt.Figure:
             ms,
             yerr=[np.array(ms) - lo, hi - np.array(ms)],
             capsize=3,
-            **{**style, "label": f"{label} (single rounds {s['lo']:.2f} to {s['hi']:.2f})"},
+            **{
+                **style,
+                "label": f"{label} (slope fitted to each round: {s['lo']:.2f} to {s['hi']:.2f})",
+            },
         )
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -1792,22 +1808,35 @@ def plot_cumulative_time(bench: dict) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     all_positions = np.arange(bench["prompt_len"], bench["total_len"] - 1)
     n_tokens = np.arange(1, len(all_positions) + 2)  # the prefill makes the first token
+    lines = {"no_cache": "-", "concat": "--", "static": ":"}  # concat and static nearly overlap
     for method, ms in bench["step_ms"].items():
         steps_s = np.interp(all_positions, bench["positions"], ms) / 1e3
         cumulative = bench["prefill_ms"] / 1e3 + np.concatenate(([0.0], np.cumsum(steps_s)))
+        style = KV_METHOD_STYLE[method]
         ax.plot(
             n_tokens,
             cumulative,
-            color=KV_METHOD_STYLE[method]["color"],
-            label=f"{KV_METHOD_STYLE[method]['label']}: {cumulative[-1]:.2f} s",
+            lines[method],
+            color=style["color"],
+            marker=style["marker"],
+            markevery=max(len(n_tokens) // 8, 1),
+            lw=2,
+            mfc="none",
+            label=f"{style['label']}: {cumulative[-1]:.2f} s",
         )
-    ax.set_xlabel(f"new tokens generated after a {bench['prompt_len']}-token prompt")
+    n = bench["prompt_len"]
+    article = "an" if str(n)[0] == "8" or n in (11, 18) else "a"
+    ax.set_xlabel(f"new tokens generated after {article} {n}-token prompt")
     ax.set_ylabel("cumulative generation time (s)")
     title = cumulative_time_title(
         bench["speedup_static_vs_no_cache_spread"], bench["speedup_measured_static_vs_no_cache"]
     )
     ax.set_title(title, fontsize=10)
-    ax.legend(title="median step times, interpolated", fontsize=8, title_fontsize=8)
+    ax.legend(
+        title=f"estimated: median step times at {len(bench['positions'])} contexts, interpolated",
+        fontsize=8,
+        title_fontsize=8,
+    )
     ax.grid(True, alpha=0.3)
     return fig
 
@@ -1869,17 +1898,21 @@ def plot_real_model_cache(real: dict, context: int = 32768) -> plt.Figure:
                                             label="longer than trained for"))  # fmt: skip
     ax.legend(handles=handles, title="attention type", fontsize=8, loc="upper right")
     kib = [r["per_token_bytes"] / 2**10 for r in rows]
-    ax_tok.barh(x, kib, color=colors)
+    # Dots, not bars: a bar's length on a log axis depends on where the axis starts.
+    ax_tok.scatter(kib, x, color=colors, s=50, zorder=3)
     for y, value in zip(x, kib, strict=True):
-        ax_tok.annotate(f" {value:.0f}", (value, y), va="center", fontsize=8)
+        ax_tok.annotate(
+            f"{value:.0f}", (value, y), xytext=(7, 0), textcoords="offset points", va="center",
+            fontsize=8,
+        )  # fmt: skip
     ax_tok.set_yticks(x, [r["name"] for r in rows], fontsize=8)
     ax_tok.invert_yaxis()
     ax_tok.set_xscale("log")
-    ax_tok.set_xlim(right=max(kib) * 2)
+    ax_tok.set_xlim(min(kib) / 2, max(kib) * 2)
     ax_tok.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_log_tick))
     ax_tok.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(_log_tick))
     ax_tok.set_xlabel("cache per token, any context (KiB, log scale)")
-    ax_tok.grid(True, axis="x", which="both", alpha=0.3)
+    ax_tok.grid(True, which="both", alpha=0.3)
     fig.suptitle(real_model_cache_title(real, context))
     return fig
 
@@ -1888,27 +1921,36 @@ def plot_decode_attention(picture: dict) -> plt.Figure:
     """decode_attention.png: a cached decode step computes one score row, not the square."""
     weights = np.array(picture["weights"])
     n = weights.shape[0]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 5), layout="constrained")
+    # Each row is scaled by its own largest weight: row 0 is a single 1.0, the last row spreads
+    # ~1/n over n keys, and one shared scale would paint the row this figure is about dark.
+    relative = weights / weights.max(axis=1, keepdims=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.5), layout="constrained")
     cmap = plt.get_cmap("viridis").copy()
     cmap.set_bad("lightgrey")
-    no_cache = np.ma.masked_where(np.triu(np.ones((n, n)), k=1) == 1, weights)
+    no_cache = np.ma.masked_where(np.triu(np.ones((n, n)), k=1) == 1, relative)
     with_cache = np.ma.masked_all((n, n))
-    with_cache[-1] = weights[-1]
+    with_cache[-1] = relative[-1]
     titles = (
-        f"No cache: the step recomputes all {n}x{n} scores\n(and every K, V) to use one row",
-        f"With cache: one query row against {n} keys;\nK, V of tokens 0..{n - 2} come from cache",
+        f"No cache: all {n}x{n} scores (and every K, V)\nrecomputed to use the last row;\n"
+        f"grey: masked (future keys)",
+        f"With cache: one query row against {n} keys;\nK, V of tokens 0..{n - 2} come from the "
+        f"cache;\ngrey: not computed in this step",
     )
     for ax, data, title in zip(axes, (no_cache, with_cache), titles, strict=True):
-        image = ax.imshow(data, cmap=cmap, vmin=0, vmax=weights.max())
+        image = ax.imshow(data, cmap=cmap, vmin=0, vmax=1)
         ax.set_title(title)
         ax.set_xlabel("key position j (token index)")
         ax.set_ylabel("query position i (token index)")
         ax.set_xticks(range(0, n, 2))
         ax.set_yticks(range(0, n, 2))
     axes[1].annotate(
-        "new token", xy=(0, n - 1), xytext=(1, n - 4), arrowprops=dict(arrowstyle="->")
+        f"query of the new token (row {n - 1})",
+        xy=((n - 1) / 2, n - 1.5),  # the top edge of the last row, mid-way along it
+        xytext=((n - 1) / 2, n - 5),
+        ha="center",
+        arrowprops=dict(arrowstyle="->"),
     )
-    fig.colorbar(image, ax=axes, label="attention weight (softmax probability); grey: not computed")
+    fig.colorbar(image, ax=axes, label="attention weight / its row's largest (each row sums to 1)")
     fig.suptitle(
         f"What one decode step computes (layer {picture['layer']}, head {picture['head']})"
     )
@@ -2130,6 +2172,12 @@ def print_hf_demo(hf: dict) -> None:
         f"{hf['generate_with_cache_s']:.2f} s vs {hf['generate_without_cache_s']:.2f} s "
         f"(cache {_range(hf['speedup_cache_vs_no_cache_spread'], '.1f')} faster)"
     )
+
+
+def print_claims(claims: dict) -> None:
+    """Each claim on one line, marked by whether this run's numbers bore it out."""
+    for c in claims.values():
+        print(f"  [{'held' if c['held'] else 'not shown by this run'}] {c['statement']}")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -234,8 +234,12 @@ def test_weight_bytes_count_the_tied_head_once():
     assert sum(p.numel() for p in GPT(CFG).parameters()) == expected
 
 
-def test_concat_cost_counts_the_bytes_a_concat_step_copies(model):
+def test_concat_cost_counts_the_bytes_a_concat_step_copies(model, monkeypatch):
     positions = [3, 9, 20]
+    # Cache updates that take 3, 4, 3 ms (concat) and 1 ms (static) per round, next to a 1 ms
+    # static step: 2, 3, 2 ms extra, so the concat step should take 3x, 4x, 3x a static step.
+    rounds = {"concat": [0.003, 0.004, 0.003], "static": [0.001] * 3}
+    monkeypatch.setattr(kv, "interleaved_rounds", lambda fns, *a, **k: rounds)
     measured = kv.spread([1.4, 1.5, 1.6])  # per-round concat/static ratios at the last position
     bench = {
         "positions": positions,
@@ -250,8 +254,8 @@ def test_concat_cost_counts_the_bytes_a_concat_step_copies(model):
     assert cc["bytes_copied_per_step"] == sum(c.nbytes for c in caches)
     assert cc["measured_concat_vs_static_spread"] == measured
     predicted = cc["predicted_concat_vs_static_spread"]  # 1 + extra update time / static step
-    assert predicted["center"] == pytest.approx(1 + cc["extra_ms"] / 1.0)
-    assert predicted["lo"] <= predicted["center"] <= predicted["hi"]
+    assert (predicted["lo"], predicted["center"], predicted["hi"]) == pytest.approx((3, 3, 4))
+    assert cc["extra_ms"] == pytest.approx(2.0) and cc["update_ms"]["concat"] == pytest.approx(3)
     # Llama-2-7B config.json: 32 layers x 32 KV heads x 128 dims, K and V, bf16, at 32K tokens.
     at_32k = cc["llama_2_7b"][1]
     assert at_32k["bytes_copied_per_step"] == 2 * 32 * 32 * 128 * 2 * 32768
@@ -314,6 +318,24 @@ def test_an_impossible_utilisation_is_remeasured_then_dropped(model, monkeypatch
     assert row["bandwidth_utilisation_ratio"] is None and row["matvec_utilisation_ratio"] is None
     assert "measurement is wrong" in row["utilisation_note"]
     assert "%" not in kv.bound_claim(row)["statement"]
+
+
+def test_an_overhead_above_the_step_is_reported_as_noise_not_clamped(model, monkeypatch, capsys):
+    # The --quick run the reviewer saw: the tiny-width step timed slower than the real step.
+    for probe in ("copy_bandwidth_gb_per_s", "matvec_bandwidth_gb_per_s"):
+        monkeypatch.setattr(kv, probe, lambda *args: 1e3)  # GB/s
+    monkeypatch.setattr(kv, "matmul_flops_per_s", lambda *args: 1e12)
+    steps = iter([0.002, 0.003])  # real step 2 ms, then the tiny-width step 3 ms
+    monkeypatch.setattr(kv, "median_time_s", lambda fn, t=0.2: next(steps))
+    bw = kv.bandwidth_analysis({"tiny": model}, 4, 2**16, 0.01, 0)
+    row = bw["models"][0]
+    assert row["overhead_share_ratio"] is None and row["main_cost_kind"] == "not_separable"
+    assert not any(key.startswith("beyond") for key in row)
+    kv.print_bandwidth(bw)
+    out = capsys.readouterr().out
+    assert "timing noise" in out and "of the step" not in out
+    c = kv.bound_claim(row)
+    assert not c["held"] and "not separable" in c["statement"]
 
 
 # ----- FLOPs and scaling ----------------------------------------------------------------------
@@ -425,6 +447,42 @@ def test_from_hf_gpt2_matches_transformers():
         torch.testing.assert_close(from_state(ids), expected, atol=ATOL, rtol=0)
 
 
+def test_cache_contents_equal_transformers_past_key_values():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+        attn_implementation="eager",
+    )  # fmt: skip
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ours = GPT.from_hf_gpt2(hf).eval()
+    ids, n = prompt_ids(batch=2, length=9), 9
+    cache = ours.new_cache(2)
+    with torch.no_grad():
+        out = hf(ids, attention_mask=torch.ones_like(ids), use_cache=True)
+        ours(ids[:, :6], cache=cache)  # a prefill, then a chunk after the cached tokens
+        ours(ids[:, 6:], start_pos=6, cache=cache)
+    pkv = out.past_key_values
+    for i, layer in enumerate(cache):  # both (batch, n_heads, seq_len, head_dim)
+        hf_k = pkv.layers[i].keys if hasattr(pkv, "layers") else pkv[i][0]
+        hf_v = pkv.layers[i].values if hasattr(pkv, "layers") else pkv[i][1]
+        torch.testing.assert_close(layer.k_cache[:, :, :n], hf_k, atol=ATOL, rtol=0)
+        torch.testing.assert_close(layer.v_cache[:, :, :n], hf_v, atol=ATOL, rtol=0)
+        assert layer.length == n and not layer.k_cache[:, :, n:].any()  # nothing past n written
+
+
+def test_warm_up_round_is_discarded_and_rounds_continue_until_settled(monkeypatch):
+    times = iter([100.0, 100.0] + [1.0, 2.0] * kv.MAX_ROUNDS)  # warm-up round: 100 s outliers
+    monkeypatch.setattr(kv, "median_time_s", lambda fn, t=0.2: next(times))
+    got = kv.interleaved_rounds({"a": lambda: None, "b": lambda: None}, 0.01)
+    assert got == {"a": [1.0] * kv.ROUNDS, "b": [2.0] * kv.ROUNDS}  # no 100 s round kept
+    times = iter([1.0] * (2 + 2 * kv.MAX_ROUNDS))
+    never = kv.interleaved_rounds({"a": lambda: None, "b": lambda: None}, 0.01, settled=lambda t: 0)
+    assert len(never["a"]) == len(never["b"]) == kv.MAX_ROUNDS
+
+
 @pytest.mark.parametrize(("q_len", "kv_len"), [(1, 9), (4, 9), (9, 9)])  # decode, chunk, prefill
 def test_attention_matches_transformers_eager_attention_with_an_explicit_causal_mask(q_len, kv_len):
     pytest.importorskip("transformers")
@@ -493,6 +551,7 @@ def test_types_sizes_must_be_ints(kind, arg, value):
         (lambda m: m([[1, 2]]), "x"),
         (lambda m: m.new_cache(2.0), "batch_size"),
         (lambda m: m.new_cache(1, max_seq_len=True), "max_seq_len"),
+        (lambda m: m.new_cache(1, dtype="x"), "dtype"),  # as grouped_query_attention's
         (lambda m: GPT.from_hf_gpt2("gpt2"), "model_or_state_dict"),
         (lambda m: GPT.from_hf_gpt2(torch.nn.Linear(2, 2)), "model_or_state_dict"),
         (lambda m: kv.tiny_widths("config"), "config"),
@@ -792,6 +851,7 @@ NC_GROWTH = s(20.0, 30.0, 35.0)
         (s(1.0, 1.2, 1.4), NC_GROWTH, "stays nearly flat"),
         (s(1.6, 1.74, 1.9), NC_GROWTH, "though not flat"),  # slope ~0.1, yet 1.74x: not flat
         (s(0.4, 0.5, 0.6), NC_GROWTH, "timing noise"),
+        (s(0.5, 0.53, 0.72), NC_GROWTH, "timing noise"),  # a --quick run: shrank, not "flat"
         (s(1.1, 1.4, 3.0), s(1.5, 2.0, 2.5), "within the noise"),
     ],
 )
@@ -854,11 +914,12 @@ def test_main_quick_smoke(run_main):
     assert c["max_abs_err_chunked_prefill"] < ATOL and c["max_abs_err_explicit_vs_sdpa"] < ATOL
     d = r["decode"]
     assert set(d["step_ms"]) == {"no_cache", "concat", "static"}
-    for m, ts in d["step_ms"].items():
-        assert all(
-            lo <= t <= hi
-            for lo, t, hi in zip(d["step_ms_lo"][m], ts, d["step_ms_hi"][m], strict=True)
-        )
+    assert d["n_positions"] == len(d["positions"]) == len(d["step_ms_rounds"]["static"])
+    assert all(len(t) >= kv.ROUNDS for ts in d["step_ms_rounds"].values() for t in ts)
+    # The figure title and the printed claim judge the static step's growth by one rule.
+    flat = r["claims"]["static_flat"]["statement"]
+    assert ("nearly flat" in r["scaling"]["verdict"]) == ("nearly flat" in flat)
+    assert "estimated" in r["claims"]["static_faster"]["statement"]
     assert r["memory"]["measured_equals_formula"] is True
     assert r["scaling"]["analytic_flops_slope"]["no_cache"] > 0.9  # derived, not timed
     assert abs(r["scaling"]["analytic_flops_slope"]["static"]) < 0.2
