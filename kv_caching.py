@@ -1803,6 +1803,12 @@ def cumulative_time_title(s: dict, measured_speedup: float) -> str:
     )
 
 
+def _a_tokens(n: int) -> str:
+    """'a 16-token', 'an 8-token', 'an 11-token': the article as the number is spoken."""
+    spoken_vowel = str(n).startswith("8") or n in (11, 18) or 11_000 <= n < 12_000
+    return f"{'an' if spoken_vowel else 'a'} {n}-token"
+
+
 def plot_cumulative_time(bench: dict) -> plt.Figure:
     """cumulative_time.png: total generation time, quadratic without a cache, linear with."""
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
@@ -1824,9 +1830,7 @@ def plot_cumulative_time(bench: dict) -> plt.Figure:
             mfc="none",
             label=f"{style['label']}: {cumulative[-1]:.2f} s",
         )
-    n = bench["prompt_len"]
-    article = "an" if str(n)[0] == "8" or n in (11, 18) else "a"
-    ax.set_xlabel(f"new tokens generated after {article} {n}-token prompt")
+    ax.set_xlabel(f"new tokens generated after {_a_tokens(bench['prompt_len'])} prompt")
     ax.set_ylabel("cumulative generation time (s)")
     title = cumulative_time_title(
         bench["speedup_static_vs_no_cache_spread"], bench["speedup_measured_static_vs_no_cache"]
@@ -1924,7 +1928,7 @@ def plot_decode_attention(picture: dict) -> plt.Figure:
     # Each row is scaled by its own largest weight: row 0 is a single 1.0, the last row spreads
     # ~1/n over n keys, and one shared scale would paint the row this figure is about dark.
     relative = weights / weights.max(axis=1, keepdims=True)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 5.5), layout="constrained")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 6.2), layout="constrained")
     cmap = plt.get_cmap("viridis").copy()
     cmap.set_bad("lightgrey")
     no_cache = np.ma.masked_where(np.triu(np.ones((n, n)), k=1) == 1, relative)
@@ -2037,7 +2041,7 @@ def print_config(config: dict) -> None:
 
 def print_correctness(c: dict) -> None:
     """Stage 1: cached vs uncached logits and ids, chunked prefill, explicit vs SDPA."""
-    print(f"  {c['n_new_tokens']} greedy tokens after a {c['prompt_len']}-token prompt")
+    print(f"  {c['n_new_tokens']} greedy tokens after {_a_tokens(c['prompt_len'])} prompt")
     for kind in CACHE_KINDS:
         print(
             f"  {kind:6s} cache vs no cache: max |logit diff| "
@@ -2068,7 +2072,10 @@ def print_decode(b: dict, s: dict) -> None:
             + " ".join(f"{c:>24s}" for c in cells)
             + f"   {flops[0]:14.4f} {flops[1]:12.4f}"
         )
-    print(f"  generating {b['n_new_tokens']} tokens (prefill {b['prefill_ms']:.2f} ms + steps):")
+    print(
+        f"  generating {b['n_new_tokens']} tokens, estimated (prefill {b['prefill_ms']:.2f} ms + "
+        f"step times at {len(b['positions'])} contexts, interpolated):"
+    )
     for m in METHODS:
         sl = s["fitted_slope_spread"][m]
         print(
