@@ -207,6 +207,10 @@ def test_real_model_table_uses_the_published_configs():
     # DeepSeek-V3 config.json: 61 layers caching a 512-dim latent plus a 64-dim RoPE key.
     assert rows["DeepSeek-V3 (MLA)"]["per_token_bytes"] == 61 * (512 + 64) * 2
     assert rows["Llama-3-8B"]["at_context_bytes"]["131072"] == 131072 * 2 * 32 * 8 * 128 * 2
+    by_model = kv.real_model_cache_table()["at_context_bytes"]  # the README's keys
+    assert by_model["llama_3_8b"] == rows["Llama-3-8B"]["at_context_bytes"]
+    assert by_model["deepseek_v3_mla"] == rows["DeepSeek-V3 (MLA)"]["at_context_bytes"]
+    assert len(by_model) == len(rows)  # no two models share a key
 
 
 def test_reset_really_resets(model):
@@ -797,6 +801,8 @@ def test_estimate_claim_compares_the_estimate_with_generate_timed(estimated, mea
     assert c["measured_speedup"] == pytest.approx(20.0 / measured)
     assert f"{20.0 / measured:.1f}x faster" in c["statement"]
     assert "1.2x slower" in kv.estimate_claim(1.0, 1.0, no_cache_s=0.8)["statement"]
+    assert "also samples" in kv.estimate_claim(0.72, 1.0, 20.0)["statement"]  # generate slower
+    assert "also samples" not in kv.estimate_claim(1.8, 1.0, 20.0)["statement"]
 
 
 def test_flat_claim_follows_the_spread():
