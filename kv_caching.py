@@ -211,13 +211,15 @@ def _check_cache_tensor(name: str, t: torch.Tensor, like: torch.Tensor, shape: t
 
 
 class KVCache:
-    """Pre-allocated keys and values of one attention layer (Meta's llama, gpt-fast).
+    """Pre-allocated keys and values of one attention layer, written in place.
 
     ``k_cache`` and ``v_cache`` are ``(batch, n_kv_heads, max_seq_len, head_dim)`` buffers
-    (``n_kv_heads = n_heads`` without grouped-query attention), allocated once. ``update`` copies
-    the new keys/values into positions ``start_pos : start_pos + n`` in place and returns *views*
-    of the filled prefix: no allocation and no copy of the old entries, whatever the context.
-    Writing at ``start_pos < length`` rewinds: positions after ``start_pos + n`` no longer count.
+    (gpt-fast's layout; Meta's llama keeps ``(batch, seq, n_kv_heads, head_dim)``; ``n_kv_heads =
+    n_heads`` without grouped-query attention), allocated once. ``update`` copies the new
+    keys/values into positions ``start_pos : start_pos + n`` and returns *views* of the filled
+    prefix, as Meta's llama does (gpt-fast returns the whole buffer and masks its empty tail, so
+    shapes stay fixed for torch.compile): no allocation and no copy of the old entries, whatever
+    the context. Writing at ``start_pos < length`` rewinds: later positions no longer count.
 
     >>> cache = KVCache(batch_size=1, n_kv_heads=2, max_seq_len=8, head_dim=4)
     >>> k, v = cache.update(torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 4), start_pos=0)
