@@ -59,3 +59,62 @@ def test_renderer_formats_and_reports_missing_keys(tmp_path):
     assert render("{{demo:n|KiB.1f}} {{demo:n|MiB}}", tmp_path) == "67.5 KiB 0.0659 MiB"
     with pytest.raises(LookupError, match="no key 'missing'"):
         render("{{demo:a.missing}}", tmp_path)
+
+
+# A sentence that states a measured outcome takes its direction from results.json: a comparative
+# word within three words of a measured number must come from a placeholder too
+# (``{{x:claims.y.statement}}``, a ``..._phrase``),
+# unless the numbers it compares are exact arithmetic (byte counts from published configs), or the
+# word only defines how to read a ratio ("bigger is faster").
+COMPARATIVE = re.compile(
+    r"\b(faster|slower|smaller|larger|bigger|lower|higher|smallest|largest|lowest|highest|"
+    r"fewer|less|more|beats?|wins?|outperforms?|better|worse|below|above|exceeds?)\b",
+    flags=re.IGNORECASE,
+)
+PLACEHOLDER = re.compile(r"\{\{(\w+):([\w.\-]+)(?:\|[^}]*)?\}\}")
+# Keys whose values are exact arithmetic on published shapes, not measurements.
+EXACT_KEYS = re.compile(
+    r"(meta|config)\.|cache_bytes_ratio|bytes_per_token|deepseek_cache\.|table1\.|"
+    r"elements_per_token|cache_vs_context\.|real_models\.|flop"
+)
+# Keys whose values are themselves the computed wording (the direction comes with them).
+WORDING_KEYS = re.compile(r"(statement|phrase|label|direction|verdict|title)$")
+DEFINITIONS = re.compile(
+    r"\b(bigger|higher|lower|smaller) (is|=|means) (faster|better|shorter|worse)\b|"
+    r"\b(described|shown|listed|table|figure|method) (below|above)\b|"
+    r"\b(largest|smallest|highest|lowest) (error|value|entry)\b|"
+    r"\bthe machine (described )?above\b|\b2-core machine described above\b",
+    flags=re.IGNORECASE,
+)
+
+
+def _sentences(template: str):
+    text = re.sub(r"```.*?```", "", template, flags=re.DOTALL)
+    for block in re.split(r"\n\s*\n|\n(?=\|)|\n(?=- )", text):
+        for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z*`(])|\s\|\s", block):
+            yield " ".join(sentence.split())
+
+
+def test_measured_comparisons_take_their_direction_from_the_results():
+    template = (DOCS / "README.template.md").read_text()
+    fixed = []
+    for sentence in _sentences(template):
+        measured = [
+            m for m in PLACEHOLDER.finditer(sentence) if not EXACT_KEYS.search(m.group(2))
+        ]
+        if not measured or any(WORDING_KEYS.search(m.group(2)) for m in measured):
+            continue
+        # A comparative word within three words of a measured number states its direction.
+        marked = DEFINITIONS.sub(" ", PLACEHOLDER.sub(
+            lambda m: " MEASURED " if not EXACT_KEYS.search(m.group(2)) else " EXACT ", sentence
+        ))
+        words = re.findall(r"[\w*-]+", marked)
+        near = [
+            w
+            for i, w in enumerate(words)
+            if COMPARATIVE.fullmatch(w.strip("*"))
+            and "MEASURED" in words[max(0, i - 3) : i + 4]
+        ]
+        if near:
+            fixed.append(f"{near}: {sentence[:160]}")
+    assert not fixed, "sentences comparing measured numbers with fixed words:\n" + "\n".join(fixed)
