@@ -92,7 +92,8 @@ Contents
    ``bitsandbytes_functional``, ``model_weight_bytes``.
 4. Experiments: ``check_parity``, ``measure_bytes``, ``gptq_on_random``, ``build_models``,
    ``evaluate_models``, ``layer_errors``, ``weight_errors``, ``measure_outliers``,
-   ``benchmark_decode``, ``benchmark_linear``, ``gap_closed``, ``tradeoff_title``,
+   ``benchmark_decode``, ``benchmark_linear``, ``token_losses``, ``paired_gaps``, ``gap_closed``,
+   ``gptq_sentence``, ``tradeoff_title``,
    ``quantization_claims``.
 5. Figures: ``plot_codebook``, ``plot_error_histograms``, ``plot_tradeoff``,
    ``plot_layer_error``, ``plot_outliers``.
@@ -479,11 +480,15 @@ def quantize_model(
     hessians: dict | None = None,
     skip: tuple = ("lm_head",),
     block_size: int | None = None,
+    per_channel: bool = False,
 ) -> nn.Module:
     """A copy of ``model`` with every ``nn.Linear`` (but those named in ``skip``) replaced by a
-    ``QuantizedLinear``; ``hessians`` (name -> H) makes the int4 layers GPTQ's."""
+    ``QuantizedLinear``; ``hessians`` (name -> H) makes the int4 layers GPTQ's;
+    ``per_channel`` makes each int4 group a whole row (block = in_features)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(per_channel, bool):
+        raise TypeError(f"per_channel ({per_channel!r}) must be a bool")
     _check_scheme(scheme)
     new = copy.deepcopy(model)
     for name, module in list(new.named_modules()):
@@ -492,7 +497,8 @@ def quantize_model(
                 raise ValueError(f"hessians has no entry for the linear {name!r}")
             hessian = None if hessians is None else hessians[name]
             parent, _, child = name.rpartition(".")
-            q = QuantizedLinear.from_linear(module, scheme, block_size, hessian)
+            block = module.in_features if per_channel else block_size
+            q = QuantizedLinear.from_linear(module, scheme, block, hessian)
             setattr(new.get_submodule(parent) if parent else new, child, q)
     return new
 
@@ -565,13 +571,15 @@ def _check_codes(q: torch.Tensor, dtype: torch.dtype, name: str = "q", shape=Non
 
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "docs/figures/training"
-ROWS = ("fp32", "bf16", "int8", "int4", "int4_gptq", "nf4", "nf4_dq")  # the table's rows
+QUANTIZED_ROWS = ("int8", "int4", "int4_gptq", "int4_pc", "int4_pc_gptq", "nf4", "nf4_dq")
 LABELS = {
     "fp32": "fp32",
     "bf16": "bf16",
     "int8": "int8 (per channel)",
     "int4": "int4 RTN (group 64)",
     "int4_gptq": "int4 GPTQ (group 64)",
+    "int4_pc": "int4 RTN (per channel)",
+    "int4_pc_gptq": "int4 GPTQ (per channel)",
     "nf4": "NF4 (block 64)",
     "nf4_dq": "NF4 + double quant",
     "int8_dynamic": "int8 dynamic (int8 x int8)",
@@ -590,7 +598,9 @@ def load_model(model_dir: Path | None, train_sizes: dict, seed: int) -> tuple:
         cfg = training.ModelConfig(**saved["config"])
         model = training.Llama(cfg)
         model.load_state_dict(saved["state_dict"], strict=True)
-        source = f"loaded {path}"
+        root = Path(__file__).resolve().parent
+        shown = path.resolve().relative_to(root) if path.resolve().is_relative_to(root) else path
+        source = f"loaded {shown}"
     else:
         m, t = train_sizes["model"], train_sizes["train"]
         cfg = training.ModelConfig(
@@ -599,7 +609,7 @@ def load_model(model_dir: Path | None, train_sizes: dict, seed: int) -> tuple:
         tcfg = training.TrainConfig(**t, seed=seed)
         windows = training.val_windows(data["val"], t["seq_len"], 8)
         model = training.train(cfg, tcfg, data["train"], windows)["model"]
-        why = "--quick" if model_dir is None else f"no {path}"
+        why = "--quick" if model_dir is None else f"no {path.name} in {model_dir.name}/"
         source = f"trained here through training.train ({t['steps']} steps; {why})"
     model.eval()
     windows = training.val_windows(data["val"], cfg.max_seq_len, train_sizes["val_windows"])
@@ -848,6 +858,8 @@ def build_models(model: nn.Module, calib: dict) -> dict:
         "int8": quantize_model(model, "int8"),
         "int4": quantize_model(model, "int4"),
         "int4_gptq": quantize_model(model, "int4", hessians),
+        "int4_pc": quantize_model(model, "int4", per_channel=True),
+        "int4_pc_gptq": quantize_model(model, "int4", hessians, per_channel=True),
         "nf4": quantize_model(model, "nf4"),
         "nf4_dq": quantize_model(model, "nf4_dq"),
     }
@@ -857,13 +869,25 @@ def m_bytes(name: str) -> int:
     return 2 if name == "bf16" else 4
 
 
-def evaluate_models(models: dict, windows: torch.Tensor, token_bytes: torch.Tensor) -> dict:
-    """Validation loss, perplexity and bits per byte of each model, and its weight bytes."""
+@torch.no_grad()
+def token_losses(model: nn.Module, windows: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """The loss of every predicted token of ``windows`` (n, seq_len + 1), flattened, float64."""
+    out = []
+    for w in windows.split(batch_size):
+        logits = model(w[:, :-1]).float()  # (batch, seq_len, vocab)
+        out.append(F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="none"))
+    return torch.cat(out).double()
+
+
+def evaluate_models(models: dict, windows: torch.Tensor, token_bytes: torch.Tensor) -> tuple:
+    """Validation loss, perplexity and bits per byte of each model, and its weight bytes; also
+    returns every model's per-token losses (for paired comparisons)."""
     import training
 
-    out = {}
+    out, losses = {}, {}
     for name, m in models.items():
-        loss = training.evaluate(m, windows)
+        losses[name] = token_losses(m, windows)
+        loss = losses[name].mean().item()
         b = model_weight_bytes(m)
         n = sum(
             mod.out_features * mod.in_features
@@ -877,6 +901,22 @@ def evaluate_models(models: dict, windows: torch.Tensor, token_bytes: torch.Tens
             "model_bytes": b["total"],
             "linear_bits_per_param": 8 * b["quantized"] / n if n else 8 * m_bytes(name),
         }
+    return out, losses
+
+
+def paired_gaps(losses: dict) -> dict:
+    """Each scheme's mean loss minus fp32's on the same tokens, with the standard error of
+    that paired difference (std of the per-token differences / sqrt(tokens)): a gap of less
+    than ~2 standard errors is not told apart from evaluation noise."""
+    ref = losses["fp32"]
+    out = {}
+    for name, l in losses.items():
+        d = l - ref
+        out[name] = {"loss_gap": d.mean().item(), "stderr": (d.std() / len(d) ** 0.5).item()}
+    for pair, (rtn, gptq) in GPTQ_PAIRS.items():
+        d = losses[gptq] - losses[rtn]
+        se = (d.std() / len(d) ** 0.5).item()
+        out[f"gptq_minus_rtn_{pair}"] = {"loss_gap": d.mean().item(), "stderr": se}
     return out
 
 
@@ -885,7 +925,7 @@ def layer_errors(model: nn.Module, models: dict) -> dict:
     ref = {n: m.weight.detach() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     out = {}
     for scheme, m in models.items():
-        if scheme not in ("int8", "int4", "int4_gptq", "nf4", "nf4_dq"):
+        if scheme not in QUANTIZED_ROWS:
             continue
         out[scheme] = {
             name: ((q.dequantize() - ref[name]).norm() / ref[name].norm()).item()
@@ -895,12 +935,19 @@ def layer_errors(model: nn.Module, models: dict) -> dict:
     return out
 
 
+def mean_layer_errors(errors: dict) -> dict:
+    """Each scheme's mean relative RMSE over the layers, and how GPTQ's compares with RTN's."""
+    mean = {scheme: statistics.mean(e.values()) for scheme, e in errors.items()}
+    larger = mean["int4_gptq"] > mean["int4"]
+    return {**mean, "gptq_vs_rtn": "larger" if larger else "not larger"}
+
+
 def weight_errors(model: nn.Module, models: dict, max_values: int = 200_000) -> dict:
     """(W_hat - W) / std(W) of every quantized weight, per scheme (a sample, for histograms)."""
     ref = {n: m.weight.detach() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     out = {}
     for scheme, m in models.items():
-        if scheme not in ("int8", "int4", "int4_gptq", "nf4", "nf4_dq"):
+        if scheme not in QUANTIZED_ROWS:
             continue
         errs = [
             ((q.dequantize() - ref[n]) / ref[n].std()).flatten()
@@ -938,6 +985,8 @@ def measure_outliers(model: nn.Module, calib: dict) -> dict:
     return {
         "layers": layers,
         "worst_layer": worst,
+        "worst_act_max_over_median": layers[worst]["act_max_over_median"],
+        "worst_weight_max_over_median": layers[worst]["weight_max_over_median"],
         "worst_act_absmax": act.tolist(),
         "worst_weight_col_absmax": w.abs().amax(dim=0).tolist(),
         "output_rel_err": {
@@ -1011,38 +1060,52 @@ def benchmark_linear(
     return out
 
 
-MIN_GAP = 0.002  # RTN int4's perplexity must exceed fp32's by 0.2% for "closed" to mean much
+GPTQ_PAIRS = {"group64": ("int4", "int4_gptq"), "per_channel": ("int4_pc", "int4_pc_gptq")}
 
 
-def gap_closed(ppl: dict) -> float:
-    """The fraction of RTN int4's perplexity gap to fp32 that GPTQ removes (nan: no gap of at
-    least ``MIN_GAP`` of fp32's perplexity to close)."""
-    gap = ppl["int4"] - ppl["fp32"]
-    return (ppl["int4"] - ppl["int4_gptq"]) / gap if gap > MIN_GAP * ppl["fp32"] else math.nan
+def gap_closed(ppl: dict, rtn: str = "int4", gptq: str = "int4_gptq") -> float:
+    """The fraction of RTN int4's perplexity gap to fp32 that GPTQ removes (nan: no gap)."""
+    gap = ppl[rtn] - ppl["fp32"]
+    return (ppl[rtn] - ppl[gptq]) / gap if gap > 0 else math.nan
 
 
-def tradeoff_title(table: dict) -> str:
+def gptq_sentence(table: dict, gaps: dict, pair: str) -> tuple[str, bool, str]:
+    """Whether GPTQ closed at least half of RTN int4's perplexity gap (``pair``: "group64" or
+    "per_channel"), worded from the numbers, and whether RTN's gap is larger than the
+    evaluation noise at all. Returns the sentence, whether it held, and a short form."""
+    rtn, gptq = GPTQ_PAIRS[pair]
+    ppl = {k: v["perplexity"] for k, v in table.items()}
+    g, se = gaps[rtn]["loss_gap"], gaps[rtn]["stderr"]
+    what = "int4 " + pair.replace("group64", "group 64").replace("_", " ")
+    numbers = f"RTN {ppl[rtn]:.3f}, GPTQ {ppl[gptq]:.3f}, fp32 {ppl['fp32']:.3f}"
+    if not g > 2 * se:
+        short = f"{what}: RTN's gap is within 2 s.e., this run cannot show GPTQ closing it"
+        long = (
+            f"{what}: RTN's loss is within 2 standard errors of fp32's ({g:+.5f} +- {se:.5f} "
+            f"nats per token; {numbers}): this run cannot show GPTQ closing a gap"
+        )
+        return long, False, short
+    closed = gap_closed(ppl, rtn, gptq)
+    if closed >= 0.5:
+        short = f"{what}: GPTQ closes {100 * closed:.0f}% of RTN's perplexity gap to fp32"
+    elif closed > 0:
+        short = f"{what}: GPTQ closes only {100 * closed:.0f}% of RTN's gap to fp32"
+    else:
+        short = f"{what}: GPTQ did not beat RTN in this run"
+    return f"{short} ({numbers}; RTN's gap {g / se:.1f} standard errors)", closed >= 0.5, short
+
+
+def tradeoff_title(table: dict, gaps: dict) -> str:
     """The trade-off figure's message, from the numbers."""
     ppl = {k: v["perplexity"] for k, v in table.items()}
-    closed = gap_closed(ppl)
     first = (
         f"int8 costs {100 * (ppl['int8'] / ppl['fp32'] - 1):+.2f}% perplexity at "
-        f"{table['int8']['linear_bits_per_param']:.2f} bits; "
-        f"NF4 {100 * (ppl['nf4'] / ppl['fp32'] - 1):+.1f}% at "
+        f"{table['int8']['linear_bits_per_param']:.2f} bits per parameter, "
+        f"NF4 {100 * (ppl['nf4'] / ppl['fp32'] - 1):+.2f}% at "
         f"{table['nf4']['linear_bits_per_param']:.2f}"
     )
-    if not math.isfinite(closed):
-        second = (
-            f"int4 RTN raised perplexity by {100 * (ppl['int4'] / ppl['fp32'] - 1):+.2f}% only: "
-            "no gap for GPTQ to close in this run"
-        )
-    elif closed >= 0.5:
-        second = f"GPTQ closes {100 * closed:.0f}% of int4 RTN's gap to fp32"
-    elif closed > 0:
-        second = f"GPTQ closes only {100 * closed:.0f}% of int4 RTN's gap to fp32 in this run"
-    else:
-        second = f"GPTQ did not beat int4 RTN in this run ({100 * closed:.0f}% of the gap)"
-    return f"{first}\n{second}"
+    lines = [gptq_sentence(table, gaps, pair)[2] for pair in GPTQ_PAIRS]
+    return "\n".join([first, *lines])
 
 
 def quantization_claims(results: dict) -> dict:
@@ -1068,22 +1131,12 @@ def quantization_claims(results: dict) -> dict:
         b["all_equal"] and b["nf4_dq"]["bits_per_param"] < b["nf4"]["bits_per_param"],
     )
     ppl = {k: v["perplexity"] for k, v in results["table"].items()}
-    closed = gap_closed(ppl)
-    if math.isfinite(closed):
-        text = (
-            f"GPTQ int4 closes {100 * closed:.0f}% of the perplexity gap between RTN int4 "
-            f"({ppl['int4']:.3f}) and fp32 ({ppl['fp32']:.3f}): {ppl['int4_gptq']:.3f}"
-            + ("" if closed >= 0.5 else "; this run did not show it closing half")
+    for pair, (rtn, gptq) in GPTQ_PAIRS.items():
+        text, held, _ = gptq_sentence(results["table"], results["loss_gaps"], pair)
+        closed = gap_closed(ppl, rtn, gptq)
+        claims[f"gptq_closes_half_the_gap_{pair}"] = claim(
+            text, held, gap_closed=closed if math.isfinite(closed) else None
         )
-    else:
-        text = (
-            f"RTN int4 ({ppl['int4']:.3f}) was within {100 * MIN_GAP:.1f}% of fp32 "
-            f"({ppl['fp32']:.3f}) here (GPTQ: {ppl['int4_gptq']:.3f}), so this run cannot show "
-            "GPTQ closing the gap"
-        )
-    claims["gptq_closes_half_the_gap"] = claim(
-        text, math.isfinite(closed) and closed >= 0.5, gap_closed=closed
-    )
     r = results["gptq_random"]
     claims["gptq_beats_rtn_on_random"] = claim(
         f"on a random {r['shape'][0]}x{r['shape'][1]} layer GPTQ's output error is "
@@ -1123,6 +1176,8 @@ COLOURS = {
     "int8": "tab:blue",
     "int4": "tab:red",
     "int4_gptq": "tab:orange",
+    "int4_pc": "tab:brown",
+    "int4_pc_gptq": "tab:pink",
     "nf4": "tab:green",
     "nf4_dq": "tab:olive",
     "int8_dynamic": "tab:purple",
@@ -1193,14 +1248,18 @@ def plot_error_histograms(errors: dict) -> plt.Figure:
     return fig
 
 
-def plot_tradeoff(table: dict, title: str) -> plt.Figure:
+def plot_tradeoff(table: dict, gaps: dict, title: str) -> plt.Figure:
+    """Perplexity vs bits per parameter; the bars are +-2 standard errors of each scheme's
+    paired loss difference to fp32 (how far apart two schemes must be to be told apart)."""
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, row in table.items():
-        ax.scatter(
+        ax.errorbar(
             row["linear_bits_per_param"],
             row["perplexity"],
+            yerr=2 * gaps[name]["stderr"] * row["perplexity"],  # d ppl = ppl d loss
+            fmt="o",
             color=COLOURS[name],
-            s=50,
+            capsize=4,
             label=f"{LABELS[name]}: {row['perplexity']:.3f}",
             zorder=3,
         )
@@ -1208,7 +1267,7 @@ def plot_tradeoff(table: dict, title: str) -> plt.Figure:
     ax.set_xscale("log", base=2)
     ax.set_xticks([4, 4.5, 8, 16, 32], ["4", "4.5", "8", "16", "32"])
     ax.set_xlabel("bits per parameter of the linear layers (log scale)")
-    ax.set_ylabel("validation perplexity")
+    ax.set_ylabel("validation perplexity (bars: +-2 s.e. of the gap to fp32)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
     ax.set_title(title, fontsize=10)
@@ -1401,12 +1460,21 @@ def print_gptq(r: dict) -> None:
     )
 
 
-def print_table(table: dict) -> None:
-    print(f"  {'scheme':<22} {'perplexity':>10} {'bits/byte':>9} {'bits/param':>10} {'bytes':>11}")
+def print_table(table: dict, gaps: dict) -> None:
+    head = f"{'scheme':<22} {'perplexity':>10} {'loss - fp32 (+- s.e.)':>22} {'bits/byte':>9}"
+    print(f"  {head} {'bits/param':>10} {'bytes':>11}")
     for name, r in table.items():
+        g = gaps[name]
         print(
-            f"  {LABELS[name]:<22} {r['perplexity']:>10.3f} {r['bits_per_byte']:>9.4f} "
-            f"{r['linear_bits_per_param']:>10.3f} {r['model_bytes']:>11,}"
+            f"  {LABELS[name]:<22} {r['perplexity']:>10.3f} {g['loss_gap']:>+13.5f} +- "
+            f"{g['stderr']:.5f} {r['bits_per_byte']:>9.4f} {r['linear_bits_per_param']:>10.3f} "
+            f"{r['model_bytes']:>11,}"
+        )
+    for pair in GPTQ_PAIRS:
+        g = gaps[f"gptq_minus_rtn_{pair}"]
+        print(
+            f"  GPTQ - RTN loss, {pair.replace('_', ' ')}, on the same tokens: "
+            f"{g['loss_gap']:+.5f} +- {g['stderr']:.5f} nats"
         )
 
 
@@ -1442,7 +1510,11 @@ def make_figures(model: nn.Module, models: dict, weights: dict, results: dict) -
     return {
         "codebook": plot_codebook(weights),
         "error_histograms": plot_error_histograms(weight_errors(model, models)),
-        "tradeoff": plot_tradeoff(results["table"], tradeoff_title(results["table"])),
+        "tradeoff": plot_tradeoff(
+            results["table"],
+            results["loss_gaps"],
+            tradeoff_title(results["table"], results["loss_gaps"]),
+        ),
         "layer_error": plot_layer_error(results["layer_error"]),
         "outliers": plot_outliers(results["outliers"]),
     }
@@ -1477,9 +1549,11 @@ def main(argv: list[str] | None = None) -> dict:
         model, calibration_ids(data["train"], windows, cfg["calib_windows"], args.seed)
     )
     models = build_models(model, calib)
-    results["table"] = evaluate_models(models, windows, data["token_bytes"])
-    print_table(results["table"])
+    results["table"], losses = evaluate_models(models, windows, data["token_bytes"])
+    results["loss_gaps"] = paired_gaps(losses)
+    print_table(results["table"], results["loss_gaps"])
     results["layer_error"] = layer_errors(model, models)
+    results["layer_error_mean"] = mean_layer_errors(results["layer_error"])
     print(f"[5/{n}] finding outliers ...")
     results["outliers"] = measure_outliers(model, calib)
     print_outliers(results["outliers"])
