@@ -579,6 +579,11 @@ class KVCache:
     the new keys/values into positions ``start_pos : start_pos + n`` in place and returns *views*
     of the filled prefix: no allocation and no copy of the old entries, whatever the context.
     Writing at ``start_pos < length`` rewinds: positions after ``start_pos + n`` no longer count.
+
+    >>> cache = KVCache(batch_size=1, n_kv_heads=2, max_seq_len=8, head_dim=4)
+    >>> k, v = cache.update(torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 4), start_pos=0)
+    >>> tuple(k.shape), cache.length, cache.nbytes  # a view of 3 positions; 2 x 64 floats held
+    ((1, 2, 3, 4), 3, 512)
     """
 
     def __init__(
