@@ -90,14 +90,14 @@ Contents
    ``load_model`` (training.py's model), ``calibrate`` (Hessians and
    activation maxima), ``DynamicInt8Linear`` and ``dynamic_int8_model`` (the int8 x int8 path),
    ``bitsandbytes_functional``, ``model_weight_bytes``.
-4. Experiments: ``check_parity``, ``measure_bytes``, ``gptq_on_random``, ``build_models``,
+4. Experiments: ``check_quantizer_parity``, ``measure_bytes``, ``gptq_on_random``, ``build_models``,
    ``evaluate_models``, ``layer_errors``, ``weight_errors``, ``measure_outliers``,
    ``benchmark_decode``, ``benchmark_linear``, ``token_losses``, ``paired_gaps``, ``gap_closed``,
    ``gptq_sentence``, ``tradeoff_title``,
    ``quantization_claims``.
 5. Figures: ``plot_codebook``, ``plot_error_histograms``, ``plot_tradeoff``,
    ``plot_layer_error``, ``plot_outliers``.
-6. Main: ``parse_args``, the ``print_*`` helpers, ``make_figures``, ``main``.
+6. Main: ``parse_args``, the ``print_*`` helpers, ``quantization_figures``, ``main``.
 7. Plumbing (identical in every script).
 
 Read first: ``quantize_int8`` (the whole idea in four lines), ``nf4_codebook`` and
@@ -754,7 +754,7 @@ def _int4_reference(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return groups.sub(min_val).div(scales).round().clamp(0, 15).reshape(w.shape)
 
 
-def check_parity(weights: dict, bnb_functional) -> dict:
+def check_quantizer_parity(weights: dict, bnb_functional) -> dict:
     """On the model's own weights: NF4 codebook, packed bytes, absmax and dequantization vs
     bitsandbytes (CPU), double quantization codes vs bitsandbytes' 8-bit blockwise code,
     int8 and int4 vs gpt-fast's formulas, and pack/unpack round trips."""
@@ -1506,7 +1506,7 @@ def print_speed(decode: dict, lin: dict) -> None:
         print(f"  one {lin['shape'][0]}x{lin['shape'][1]} linear, batch {b}: {cells} fp32")
 
 
-def make_figures(model: nn.Module, models: dict, weights: dict, results: dict) -> dict:
+def quantization_figures(model: nn.Module, models: dict, weights: dict, results: dict) -> dict:
     return {
         "codebook": plot_codebook(weights),
         "error_histograms": plot_error_histograms(weight_errors(model, models)),
@@ -1537,7 +1537,7 @@ def main(argv: list[str] | None = None) -> dict:
         for k, m in model.named_modules()
         if isinstance(m, nn.Linear) and not k.endswith("lm_head")
     }
-    results["parity"] = check_parity(weights, bitsandbytes_functional())
+    results["parity"] = check_quantizer_parity(weights, bitsandbytes_functional())
     print_parity(results["parity"])
     print(f"[3/{n}] measuring bytes, and GPTQ vs RTN on a random layer ...")
     results["bytes"] = measure_bytes(model)
@@ -1569,7 +1569,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["claims"] = quantization_claims(results)
     print_claims(results["claims"])
     print(f"[7/{n}] drawing figures ...")
-    figures = make_figures(model, models, weights, results)
+    figures = quantization_figures(model, models, weights, results)
     save_outputs(args.out, figures, results, show=not args.no_show)
     return results
 
