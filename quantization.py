@@ -107,6 +107,7 @@ Read first: ``quantize_int8`` (the whole idea in four lines), ``nf4_codebook`` a
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import dataclasses
 import functools
@@ -1086,7 +1087,9 @@ def gptq_sentence(table: dict, gaps: dict, pair: str) -> tuple[str, bool, str]:
         )
         return long, False, short
     closed = gap_closed(ppl, rtn, gptq)
-    if closed >= 0.5:
+    if closed >= 1:
+        short = f"{what}: GPTQ closes all of RTN's perplexity gap to fp32 ({100 * closed:.0f}%)"
+    elif closed >= 0.5:
         short = f"{what}: GPTQ closes {100 * closed:.0f}% of RTN's perplexity gap to fp32"
     elif closed > 0:
         short = f"{what}: GPTQ closes only {100 * closed:.0f}% of RTN's gap to fp32"
@@ -1252,9 +1255,12 @@ def plot_tradeoff(table: dict, gaps: dict, title: str) -> plt.Figure:
     """Perplexity vs bits per parameter; the bars are +-2 standard errors of each scheme's
     paired loss difference to fp32 (how far apart two schemes must be to be told apart)."""
     fig, ax = plt.subplots(figsize=(8, 5))
+    seen: dict = collections.Counter()  # schemes at the same bits are drawn side by side
     for name, row in table.items():
+        k = seen[round(row["linear_bits_per_param"], 1)]
+        seen[round(row["linear_bits_per_param"], 1)] += 1
         ax.errorbar(
-            row["linear_bits_per_param"],
+            row["linear_bits_per_param"] * 1.025**k,
             row["perplexity"],
             yerr=2 * gaps[name]["stderr"] * row["perplexity"],  # d ppl = ppl d loss
             fmt="o",
@@ -1266,7 +1272,9 @@ def plot_tradeoff(table: dict, gaps: dict, title: str) -> plt.Figure:
     ax.axhline(table["fp32"]["perplexity"], color="black", ls="--", lw=1, label="fp32 level")
     ax.set_xscale("log", base=2)
     ax.set_xticks([4, 4.5, 8, 16, 32], ["4", "4.5", "8", "16", "32"])
-    ax.set_xlabel("bits per parameter of the linear layers (log scale)")
+    ax.set_xlabel(
+        "bits per parameter of the linear layers (log scale; equal bits drawn side by side)"
+    )
     ax.set_ylabel("validation perplexity (bars: +-2 s.e. of the gap to fp32)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
@@ -1473,7 +1481,7 @@ def print_table(table: dict, gaps: dict) -> None:
     for pair in GPTQ_PAIRS:
         g = gaps[f"gptq_minus_rtn_{pair}"]
         print(
-            f"  GPTQ - RTN loss, {pair.replace('_', ' ')}, on the same tokens: "
+            f"  GPTQ - RTN loss, {pair.replace('64', ' 64').replace('_', ' ')}, same tokens: "
             f"{g['loss_gap']:+.5f} +- {g['stderr']:.5f} nats"
         )
 
