@@ -1254,7 +1254,7 @@ def plot_error_histograms(errors: dict) -> plt.Figure:
 def plot_tradeoff(table: dict, gaps: dict, title: str) -> plt.Figure:
     """Perplexity vs bits per parameter; the bars are +-2 standard errors of each scheme's
     paired loss difference to fp32 (how far apart two schemes must be to be told apart)."""
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(11, 5))
     seen: dict = collections.Counter()  # schemes at the same bits are drawn side by side
     for name, row in table.items():
         k = seen[round(row["linear_bits_per_param"], 1)]
@@ -1277,7 +1277,7 @@ def plot_tradeoff(table: dict, gaps: dict, title: str) -> plt.Figure:
     )
     ax.set_ylabel("validation perplexity (bars: +-2 s.e. of the gap to fp32)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # off the data
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
