@@ -1088,7 +1088,7 @@ def gptq_sentence(table: dict, gaps: dict, pair: str) -> tuple[str, bool, str]:
         return long, False, short
     closed = gap_closed(ppl, rtn, gptq)
     if closed >= 1:
-        short = f"{what}: GPTQ closes all of RTN's perplexity gap to fp32 ({100 * closed:.0f}%)"
+        short = f"{what}: GPTQ closes all ({100 * closed:.0f}%) of RTN's perplexity gap to fp32"
     elif closed >= 0.5:
         short = f"{what}: GPTQ closes {100 * closed:.0f}% of RTN's perplexity gap to fp32"
     elif closed > 0:
