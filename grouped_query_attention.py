@@ -105,22 +105,22 @@ Contents
 2. Core: the shared validation helpers (``_check_sizes``, ``_check_start_pos``,
    ``_check_positive``, ``_check_float_tensor``); half-split RoPE
    (``rope_inv_freq``, ``rope_cos_sin``, ``rotate_half``, ``apply_rope``); ``causal_mask``;
-   ``repeat_kv`` and the three sharing methods (``_attention_repeat_kv``, ``_attention_grouped``,
-   ``_attention_sdpa``, ``SHARING_METHODS``, ``attend``); ``GroupedQueryAttention``; the cache
+   ``repeat_kv`` (``_repeat_kv``: unchecked) and the three sharing methods
+   (``_attention_repeat_kv``, ``_attention_grouped``, ``_attention_sdpa``, ``SHARING_METHODS``,
+   ``attend``); ``GroupedQueryAttention``; the cache
    (``_check_cache_write``, ``_check_cache_tensor``, ``KVCache``); ``mha_to_gqa``.
 3. Baselines and apparatus: the checks behind the core's doors (``_check_sharing``,
    ``_check_layer``, ``_check_input``, ``_check_new_cache``, ``_check_qkv``);
    ``PlainMultiHeadAttention`` (the MHA baseline), ``mha_with_similar_heads``,
-   ``kv_cache_bytes``, ``LLAMA2_70B_SHAPE``, ``divisors_descending``, ``round_ratios``,
+   ``kv_cache_bytes``, ``LLAMA2_70B_SHAPE``, ``mib``, ``divisors_descending``, ``round_ratios``,
    ``AllocationTracker``, ``MatmulFlopCounter``, ``measure_allocations``.
 4. Experiments: ``check_correctness``, ``analyze_cache_memory``, ``cache_vs_context``,
    ``benchmark_decode``, ``step_vs_cache_note``, ``analyze_conversion``, ``speedup_phrase``,
    ``claim``, ``print_claims``, ``weigh_claims``.
 5. Figures: ``tokens_label``, the titles computed from the numbers (``gqa_*_title*``),
-   ``plot_head_sharing``,
-   ``plot_cache_vs_context``, ``plot_decode_time``, ``plot_sharing_methods``,
-   ``plot_conversion_error``.
-6. Main: ``parse_args``, ``SIZES``, the ``print_<stage>`` helpers, ``main``.
+   ``plot_head_sharing``, ``plot_cache_vs_context``, ``plot_decode_time``,
+   ``plot_sharing_methods``, ``plot_conversion_error``.
+6. Main: ``parse_args``, ``SIZES``, the ``print_<stage>`` helpers (``_round_spread``), ``main``.
 7. Plumbing (identical in every script): timer, device, machine info, flags, ``save_outputs``.
 
 Read first: ``GroupedQueryAttention`` (its ``# NEW vs MHA:`` lines mark where it departs from
@@ -231,9 +231,16 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """(batch, n_kv_heads, T, d) -> (batch, n_kv_heads * n_rep, T, d): KV head j becomes heads
     j*n_rep .. j*n_rep + n_rep - 1 (transformers' ``repeat_kv``). The expand is a view; the
     reshape copies when n_rep > 1 (unless n_kv_heads == 1: then it stays a view)."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError(f"x must be a 4-D tensor (batch, n_kv_heads, T, d), got {x!r:.60}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x (shape {tuple(x.shape)}) must be 4-D (batch, n_kv_heads, T, d)")
     _check_sizes(n_rep=n_rep)
+    return _repeat_kv(x, n_rep)
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """repeat_kv without the checks: the decode step's hot path (its inputs checked upstream)."""
     if n_rep == 1:
         return x
     b, n_kv, t, d = x.shape
@@ -245,7 +252,8 @@ def _attention_repeat_kv(q, k, v, mask=None):
     """Copy each KV head to its `group` query heads, then plain attention over n_heads heads.
     q (b, n_heads, q_len, d); k, v (b, n_kv_heads, kv_len, d); mask (q_len, kv_len) bool or None."""
     group = q.shape[1] // k.shape[1]
-    k, v = repeat_kv(k, group), repeat_kv(v, group)  # (b, n_heads, kv_len, d): copies if group > 1
+    # (b, n_heads, kv_len, d): copies the cache `group` times when group > 1
+    k, v = _repeat_kv(k, group), _repeat_kv(v, group)
     q = q / math.sqrt(q.shape[-1])  # scale the q_len queries, not the kv_len scores
     scores = q @ k.transpose(-2, -1)  # (2) (b, n_heads, q_len, kv_len)
     if mask is not None:
@@ -363,11 +371,11 @@ class GroupedQueryAttention(nn.Module):
         _check_input(self, x, start_pos, cache)
         b, s, _ = x.shape
         d = self.head_dim
-        q = self.q_proj(x).view(b, s, self.n_heads, d).transpose(1, 2)  # (1)
-        # (batch, n_heads, seq_len, head_dim)
-        k = self.k_proj(x).view(b, s, self.n_kv_heads, d).transpose(1, 2)  # (1)
-        v = self.v_proj(x).view(b, s, self.n_kv_heads, d).transpose(1, 2)  # (1)
-        # NEW vs MHA: (batch, n_kv_heads, seq_len, head_dim), the only keys/values ever stored
+        # (1) q: (batch, n_heads, seq_len, head_dim)
+        q = self.q_proj(x).view(b, s, self.n_heads, d).transpose(1, 2)
+        # (1) NEW vs MHA: k, v (batch, n_kv_heads, seq_len, head_dim), all that is cached
+        k = self.k_proj(x).view(b, s, self.n_kv_heads, d).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.n_kv_heads, d).transpose(1, 2)
         positions = torch.arange(start_pos, start_pos + s, device=x.device)
         cos, sin = rope_cos_sin(positions, d, self.rope_base)  # (seq_len, head_dim)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
@@ -480,7 +488,8 @@ def mha_to_gqa(attn: nn.Module, n_kv_heads: int) -> GroupedQueryAttention:
     Ainslie et al. 2023, sections 2.1-2.2: new KV head i is the mean of the r = (source
     n_kv_heads) / n_kv_heads source heads its query heads read, W_k,i = (1/r) sum_{m<r}
     W_k,(i*r + m), the same for W_v (pooling before RoPE = pooling the rotated keys: RoPE is
-    linear). q_proj, o_proj are copied. Exact when each group's heads are identical.
+    linear). q_proj, o_proj (and a grouped source's ``sharing``) are copied. Exact when each
+    group's heads are identical.
     """
     if not isinstance(attn, (GroupedQueryAttention, PlainMultiHeadAttention)):
         raise TypeError(f"attn must be an attention layer of this file, not {type(attn).__name__}")
@@ -500,6 +509,7 @@ def mha_to_gqa(attn: nn.Module, n_kv_heads: int) -> GroupedQueryAttention:
         max_seq_len=attn.max_seq_len,
         rope_base=attn.rope_base,
         bias=has_bias,
+        sharing=getattr(attn, "sharing", "grouped"),  # PlainMultiHeadAttention has none
     ).to(device=attn.q_proj.weight.device, dtype=attn.q_proj.weight.dtype)
     with torch.no_grad():
         out.q_proj.load_state_dict(attn.q_proj.state_dict())
@@ -601,7 +611,7 @@ def _check_qkv(q, k, v, mask) -> None:
             raise ValueError(f"{name} ({t.dtype}, shape {tuple(t.shape)}) must be 4-D, like q")
     if (
         v.shape != k.shape
-        or k.shape[1] == 0
+        or 0 in (q.shape[1], k.shape[1])
         or q.shape[1] % k.shape[1]
         or ((q.shape[0], q.shape[3]) != (k.shape[0], k.shape[3]))
     ):
@@ -709,6 +719,13 @@ def kv_cache_bytes(
 LLAMA2_70B_SHAPE = {"n_layers": 80, "n_heads": 64, "n_kv_heads": 8, "head_dim": 128}
 
 
+def mib(n_bytes: float) -> str:
+    """Bytes in MiB, or in KiB below 1 MiB (so small allocations do not print as 0.0)."""
+    if n_bytes < 2**20:
+        return f"{n_bytes / 2**10:,.1f} KiB"
+    return f"{n_bytes / 2**20:,.1f} MiB"
+
+
 def divisors_descending(n: int) -> list[int]:
     """Every n_kv_heads that divides n: n, ..., 1."""
     _check_sizes(n=n)
@@ -763,9 +780,11 @@ class AllocationTracker(TorchDispatchMode):
             del self.live[ptr]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        # The inputs' storages before the call: an ``out=`` tensor the operator grows gets new
+        # memory (a new data_ptr), which is an allocation, not an in-place write.
+        inputs = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs))}
         out = func(*args, **(kwargs or {}))
         self.ops.append(str(func.overloadpacket.__name__))
-        inputs = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs))}
         for t in _tensors(out):
             storage = t.untyped_storage()
             ptr, nbytes = storage.data_ptr(), storage.nbytes()
@@ -788,19 +807,33 @@ class MatmulFlopCounter(TorchDispatchMode):
     """Count the FLOPs of every matrix multiply that actually runs (2 per multiply-add).
 
     Attention's FLOPs are its two batched matmuls, q.k^T and probs.v; softmax and scaling are
-    O(T) per head and left out, as in formula (5). (``torch.utils.flop_counter.FlopCounterMode``
-    counts every operator the same way; this one shows the whole rule in three lines.)
+    O(T) per head and left out, as in formula (5). ``mm``/``bmm`` and their bias-adding forms
+    ``addmm``/``baddbmm`` (a Linear with bias) are counted; a composite operator that reaches
+    the mode whole (``matmul`` under ``inference_mode``) is split into the ATen calls it makes,
+    so no multiply escapes. ``torch.utils.flop_counter.FlopCounterMode`` counts the same way
+    (tested equal); this one shows the whole rule.
     """
+
+    MATMULS = {  # operator -> position of the (.., m, k) operand among its arguments
+        torch.ops.aten.mm: 0,  # (a, b)
+        torch.ops.aten.bmm: 0,
+        torch.ops.aten.addmm: 1,  # (bias, a, b)
+        torch.ops.aten.baddbmm: 1,
+    }
 
     def __init__(self) -> None:
         super().__init__()
         self.flops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.bmm):
-            self.flops += 2 * out.numel() * args[0].shape[-1]  # (.., m, k) @ (.., k, n)
-        return out
+        kwargs = kwargs or {}
+        if func.overloadpacket in self.MATMULS:
+            out = func(*args, **kwargs)  # (.., m, k) @ (.., k, n) -> (.., m, n)
+            self.flops += 2 * out.numel() * args[self.MATMULS[func.overloadpacket]].shape[-1]
+            return out
+        with self:  # a composite operator: run its decomposition, which comes back here
+            out = func.decompose(*args, **kwargs)
+        return func(*args, **kwargs) if out is NotImplemented else out
 
 
 def measure_allocations(fn) -> dict:
@@ -898,7 +931,7 @@ def analyze_cache_memory(
                 "attention_flops_per_layer": counter.flops,
                 "formula_flops_per_layer": flops_formula,
                 "cache_bytes_read_per_layer": read,
-                "arithmetic_intensity_flops_per_byte": flops_formula / read,  # (6)
+                "arithmetic_intensity_flops_per_byte": counter.flops / read,  # (6), counted
             }
         )
         del caches
@@ -950,9 +983,9 @@ def benchmark_decode(
     max_rounds: int = 6,
 ) -> dict:
     """Time one decode step (1 new token, batch 1, fp32) against a cache of T tokens, for MHA,
-    GQA (n_heads/8 KV heads) and MQA through each sharing method; plus the attention core alone
-    (one query token against the cache, no projections) and what a step allocates, at the
-    longest context.
+    GQA (n_heads/8 KV heads, or the next divisor of n_heads below) and MQA through each sharing
+    method; plus the attention core alone (one query token against the cache, no projections)
+    and what a step allocates, at the longest context.
 
     Robust to a stray slow call: within a round MHA, GQA and MQA are timed back to back, so a
     burst of background load hits both terms of a ratio, or one round only; each time is the
@@ -968,13 +1001,13 @@ def benchmark_decode(
     _check_sizes(max_rounds=max_rounds, **{f"contexts[{i}]": t for i, t in enumerate(contexts)})
     if not contexts or max_rounds < rounds:
         raise ValueError(f"contexts ({contexts}) must be non-empty, max_rounds >= rounds")
-    if (
-        isinstance(min_run_time, bool)
-        or not isinstance(min_run_time, numbers.Real)
-        or not (0 <= min_run_time < math.inf)
-    ):
-        raise ValueError(f"min_run_time ({min_run_time!r}) must be a finite number >= 0")
-    configs = {"MHA": n_heads, "GQA": max(1, n_heads // 8), "MQA": 1}
+    if isinstance(min_run_time, bool) or not isinstance(min_run_time, numbers.Real):
+        raise TypeError(f"min_run_time ({min_run_time!r}) must be a real number")
+    if not 0 <= min_run_time < math.inf:
+        raise ValueError(f"min_run_time ({min_run_time}) must be finite and >= 0")
+    # GQA: groups of 8 query heads (Llama-2-70B's), or the nearest smaller n_kv_heads that divides
+    gqa_kv = next(k for k in divisors_descending(n_heads) if k <= max(1, n_heads // 8))
+    configs = {"MHA": n_heads, "GQA": gqa_kv, "MQA": 1}
     contexts, longest = sorted(contexts), max(contexts)
     layers, caches, queries = {}, {}, {}
     x = torch.randn(1, 1, d_model, device=device)
@@ -1240,7 +1273,8 @@ def weigh_claims(corr: dict, mem: dict, dec: dict, conv: dict) -> dict:
     helps = all(r["relative_err_similar"] < r["relative_err_random"] for r in pooled)
     claims["conversion"] = claim(
         f"Mean-pooling KV heads (mha_to_gqa) gave a relative output error of at most {exact:.1e} "
-        f"on identical heads, and on similar heads an error "
+        f"on identical heads ({'float32 rounding' if exact <= 1e-6 else 'not exact'}), and on "
+        f"similar heads an error "
         f"{'below' if helps else 'not always below'} that on random weights (at group "
         f"{pooled[-1]['group_size']}: {pooled[-1]['relative_err_similar']:.3f} vs "
         f"{pooled[-1]['relative_err_random']:.3f})",
@@ -1279,8 +1313,13 @@ def gqa_sharing_methods_titles(
     time_title = f"GQA attention core at {tokens_label(context)} tokens:\n" + speedup_phrase(
         "copy-free", core_speedups, "repeat_kv", ""
     )
-    if peak_repeat > peak_grouped > 0:
-        memory_title = f"repeat_kv allocates {peak_repeat / peak_grouped:.0f}x the copy-free peak"
+    # the median of per-round ratios, not the ratio of the bars: give the rounds' range too
+    time_title += f" (rounds {min(core_speedups):.3g}-{max(core_speedups):.3g}x)"
+    if peak_repeat >= 1.1 * peak_grouped > 0:
+        ratio = peak_repeat / peak_grouped
+        memory_title = (
+            f"repeat_kv allocates {ratio:.{0 if ratio >= 10 else 1}f}x the copy-free peak"
+        )
     else:
         memory_title = (
             f"repeat_kv allocates {mib(peak_repeat)}, copy-free {mib(peak_grouped)} at peak"
@@ -1301,7 +1340,11 @@ def gqa_conversion_title(conv: dict) -> str:
     pooled = [r for r in conv["rows"] if r["group_size"] > 1]
     exact = max(r["relative_err_identical"] for r in pooled) <= 1e-6
     helps = all(r["relative_err_similar"] < r["relative_err_random"] for r in pooled)
-    first = "exact for identical heads" if exact else "not exact even for identical heads"
+    first = (
+        "exact for identical heads (to float32 rounding)"
+        if exact
+        else "not exact even for identical heads"
+    )
     second = "smaller error for similar heads" if helps else "similar heads not always better"
     return f"Mean-pooling KV heads: {first},\n{second} than for random ones"
 
@@ -1425,6 +1468,16 @@ def plot_sharing_methods(decode: dict) -> plt.Figure:
     ax_m.set_yscale("log")
     ax_m.set_ylabel("peak memory allocated in one step (MiB, log)")
     ax_m.set_title(memory_title, fontsize=10)
+    ax_m.text(
+        0.99,
+        0.99,
+        "sdpa: a fused kernel; its private\nscratch memory is not seen here",
+        transform=ax_m.transAxes,
+        ha="right",
+        va="top",
+        fontsize=8,
+        color=SHARING_COLOR["sdpa"],
+    )
     fig.legend(loc="outside lower center", ncol=4)
     return fig
 
@@ -1445,7 +1498,7 @@ def plot_conversion_error(conv: dict) -> plt.Figure:
         ax.plot(g, err, marker="o", label=label)
     eps = torch.finfo(torch.float32).eps
     ax.axhline(eps, color="gray", ls=":", lw=1)
-    ax.text(g[0], eps * 1.6, f"float32 rounding ({eps:.1e})", fontsize=8, color="gray")
+    ax.text(g[0], eps * 1.6, f"float32 machine epsilon ({eps:.1e})", fontsize=8, color="gray")
     if any(r[f"relative_err_{kind}"] == 0.0 for r in rows for kind in labels):
         ax.text(g[0], floor * 1.6, "exactly 0 is drawn at 1e-9", fontsize=8, color="gray")
     ax.set_xscale("log", base=2)
@@ -1496,13 +1549,6 @@ SIZES = {
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parse_flags(base_parser(), argv)
-
-
-def mib(n_bytes: float) -> str:
-    """Bytes in MiB, or in KiB below 1 MiB (so small allocations do not print as 0.0)."""
-    if n_bytes < 2**20:
-        return f"{n_bytes / 2**10:,.1f} KiB"
-    return f"{n_bytes / 2**20:,.1f} MiB"
 
 
 def print_correctness(corr: dict) -> None:
