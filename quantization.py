@@ -81,23 +81,27 @@ References
 
 Contents
 --------
-2. Core: ``quantize_int8``/``dequantize_int8`` (1), ``quantize_int4``, ``int4_qparams``,
+2. Core: ``WEIGHT_DTYPES``, ``SCHEMES``, ``STORED`` (what each scheme keeps),
+   ``quantize_int8``/``dequantize_int8`` (1), ``quantize_int4``, ``int4_qparams``,
    ``dequantize_int4`` (2, 3), ``pack_nibbles``/``unpack_nibbles``, ``nf4_codebook`` (4),
-   ``quantize_nf4``/``dequantize_nf4`` (5), ``dynamic_map_8bit``, ``double_quantize``/
-   ``double_dequantize`` (6), ``gptq_quantize_int4`` (7), ``QuantizedLinear``,
-   ``quantized_bytes`` (8), ``quantize_model``.
-3. Baselines and apparatus: the door checks (``_check_weight``, ``_check_codes``, ...),
-   ``load_model`` (training.py's model), ``calibrate`` (Hessians and
-   activation maxima), ``DynamicInt8Linear`` and ``dynamic_int8_model`` (the int8 x int8 path),
-   ``bitsandbytes_functional``, ``model_weight_bytes``.
-4. Experiments: ``check_quantizer_parity``, ``measure_bytes``, ``gptq_on_random``, ``build_models``,
-   ``evaluate_models``, ``layer_errors``, ``weight_errors``, ``measure_outliers``,
-   ``benchmark_decode``, ``benchmark_linear``, ``token_losses``, ``paired_gaps``, ``gap_closed``,
-   ``gptq_sentence``, ``tradeoff_title``,
-   ``quantization_claims``.
-5. Figures: ``plot_codebook``, ``plot_error_histograms``, ``plot_tradeoff``,
+   ``_nearest_code``, ``quantize_nf4``/``dequantize_nf4`` (5), ``dynamic_map_8bit``,
+   ``double_quantize``/``double_dequantize`` (6), ``gptq_quantize_int4`` (7),
+   ``QuantizedLinear``, ``quantized_bytes`` (8), ``quantize_model``.
+3. Baselines and apparatus: the door checks (``_check_weight``, ``_check_codes``,
+   ``_check_scheme`` and the shared ``_check_sizes``, ``_check_positive``,
+   ``_check_float_tensor``), ``DEFAULT_MODEL_DIR``, ``load_model`` (training.py's model),
+   ``calibration_ids`` and ``calibrate`` (Hessians and activation maxima),
+   ``DynamicInt8Linear`` and ``dynamic_int8_model`` (the int8 x int8 path),
+   ``bitsandbytes_functional``, ``model_weight_bytes``, ``LABELS``, ``QUANTIZED_ROWS``.
+4. Experiments: ``claim``, ``print_claims``, ``_int4_reference`` and
+   ``check_quantizer_parity``, ``measure_bytes``, ``gptq_on_random``, ``build_models``,
+   ``token_losses``, ``evaluate_models``, ``paired_gaps``, ``layer_errors``,
+   ``mean_layer_errors``, ``weight_errors``, ``measure_outliers``, ``benchmark_decode``,
+   ``benchmark_linear``, ``GPTQ_PAIRS``, ``gap_closed``, ``gptq_sentence``,
+   ``tradeoff_title``, ``quantization_claims``.
+5. Figures: ``COLOURS``, ``plot_codebook``, ``plot_error_histograms``, ``plot_tradeoff``,
    ``plot_layer_error``, ``plot_outliers``.
-6. Main: ``parse_args``, the ``print_*`` helpers, ``quantization_figures``, ``main``.
+6. Main: ``SIZES``, ``parse_args``, the ``print_*`` helpers, ``quantization_figures``, ``main``.
 7. Plumbing (identical in every script).
 
 Read first: ``quantize_int8`` (the whole idea in four lines), ``nf4_codebook`` and
@@ -866,7 +870,7 @@ def build_models(model: nn.Module, calib: dict) -> dict:
     }
 
 
-def m_bytes(name: str) -> int:
+def _float_bytes(name: str) -> int:
     return 2 if name == "bf16" else 4
 
 
@@ -900,7 +904,7 @@ def evaluate_models(models: dict, windows: torch.Tensor, token_bytes: torch.Tens
             "perplexity": math.exp(loss),
             "bits_per_byte": training.bits_per_byte(loss, windows, token_bytes),
             "model_bytes": b["total"],
-            "linear_bits_per_param": 8 * b["quantized"] / n if n else 8 * m_bytes(name),
+            "linear_bits_per_param": 8 * b["quantized"] / n if n else 8 * _float_bytes(name),
         }
     return out, losses
 
