@@ -28,7 +28,9 @@ Activations (x a scalar, applied element-wise):
 Swish_0(x) = x / 2 (linear); Swish_b(x) -> ReLU(x) as b -> infinity. SiLU is not monotone: its
 minimum is at x* with 1 + x*(1 - sigmoid(x*)) = 0, x* = -1.278..., where SiLU(x*) = x* + 1.
 
-FFNs, x of shape (batch, seq_len, d_model), hidden size h (Shazeer's eqs. 4-6, no biases):
+FFNs, x of shape (batch, seq_len, d_model), hidden size h, no biases. The numbers (1)-(8) are
+this file's: (1) is Shazeer's eqs. 2-3, and (2)-(6) are the five lines of his eq. 6, the FFNs
+built from the GLU variants of his eqs. 4-5.
 (1) FFN_act(x)    = act(x W1) W2                       W1: (d, h), W2: (h, d)   params 2 d h
 (2) FFN_GLU(x)    = (sigmoid(x W) * x V) W2            W, V: (d, h), W2: (h, d)  params 3 d h
 (3) FFN_Bilinear  = (x W * x V) W2
@@ -67,11 +69,12 @@ The experiments (what the script measures, in order):
    (their embeddings are summed, so without an FFN the model stays far from the optimum), and
    its best possible loss (the table's entropy) is known exactly, so the loss above that floor
    is what each FFN failed to learn. The loss is evaluated exactly over all contexts (no
-   sampling noise); seeds change the initialisation and the sampled data. Every variant gets
-   the same optimiser (Adam, lr 1e-2 with cosine decay), not tuned per variant. "Better than
-   ReLU on every seed" means its worst seed ends below ReLU's best seed; with no real
-   difference that happens by chance with probability 1 / C(2n, n) for n seeds each (0.05 for
-   the default 3), which the script prints next to the verdict.
+   sampling noise); every run (a seed of a variant) draws its own initialisation and batches,
+   so runs are independent. Every variant gets the same optimiser (Adam, lr 1e-2 with cosine
+   decay), not tuned per variant. "Better than ReLU on every seed" means its worst seed ends
+   below ReLU's best seed; with no real difference that happens by chance with probability
+   1 / C(2n, n) for n seeds each (0.05 for the default 3, 0.17 for 2), which the script prints
+   next to the verdict; the claim counts as shown only when that chance is at most 0.05.
    Why it can differ from Shazeer (T5-base, 65k steps, C4 span corruption): a tiny model,
    hundreds of steps (early-training speed, not the converged quality), no attention, and a
    task made of pure pairwise interactions, where any multiplicative unit (even Bilinear, with
@@ -95,8 +98,8 @@ figure as PNG and every printed number in ``results.json`` under ``--out`` (defa
 
 References
 ----------
-- Shazeer, "GLU Variants Improve Transformer", 2020, arXiv 2002.05202 (section 3, eqs. 4-6;
-  table 1: log-perplexity after 65k steps, T5-base).
+- Shazeer, "GLU Variants Improve Transformer", 2020, arXiv 2002.05202 (section 2, eqs. 4-6:
+  the GLU variants and their FFNs; section 3, table 1: log-perplexity after 65k steps, T5-base).
 - Vaswani et al., "Attention Is All You Need", 2017, arXiv 1706.03762 (the ReLU FFN, 4 d).
 - Geva et al., "Transformer Feed-Forward Layers Are Key-Value Memories", 2021,
   arXiv 2012.14913 (why the training task here is an associative memory).
@@ -127,7 +130,8 @@ Contents
 7. Plumbing (identical in every script): timer, device, machine info, flags, saving.
 
 Read first: ``SwiGLUFeedForward`` (the three lines Llama runs) and ``llama_hidden_dim``, then
-``GatedFeedForward`` next to Shazeer's equations 2-6, then ``gradient_flow`` and ``PairTask``.
+``GatedFeedForward`` next to Shazeer's eq. 6 (this file's 2-6), then ``gradient_flow`` and
+``PairTask``.
 """
 
 from __future__ import annotations
@@ -141,6 +145,7 @@ import os
 import platform
 import shutil
 import tempfile
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -710,7 +715,7 @@ def check_activations(n_points: int = 10001) -> dict:
 
 
 def gated_formula(variant: str, x: torch.Tensor, W, V, W2) -> torch.Tensor:
-    """Shazeer's eqs. (2)-(6) (2002.05202), written from the paper with the activations above.
+    """(2)-(6), Shazeer's eq. 6 (2002.05202), written from the paper with the activations above.
     W, V: (h, d) and W2: (d, h) as stored by nn.Linear, so x W (paper) is x @ W.T here."""
     _check_ffn_choice("variant", variant, GATED)
     _check_float_tensor("x", x)
@@ -955,8 +960,8 @@ def gradient_flow(
     seed: int,
     device,
 ) -> dict:
-    """Per-layer gradient norms and dead units of a deep stack, at init and after ``steps``
-    Adam steps (torch.optim.Adam, constant ``lr``)."""
+    """Per-layer gradient norms, dead units and the exact expected loss of a deep stack, at
+    init and after ``steps`` Adam steps (torch.optim.Adam, constant ``lr``)."""
     if not isinstance(task, PairTask):
         raise TypeError(f"task must be a PairTask, got {type(task).__name__}")
     device = _check_run_args(steps, lr, batch_size, seed, device)
@@ -972,7 +977,7 @@ def gradient_flow(
             for _ in range(steps):
                 _train_step(model, task, optimizer, batch_size, generator, device)
         model.zero_grad(set_to_none=True)
-        population_backward(model, task, device)
+        out[f"loss_{stage}"] = population_backward(model, task, device)  # exact expected loss
         out[f"grad_norm_{stage}"] = _layer_grad_norms(model)
         dead, zero = _unit_stats(model)
         out[f"dead_unit_fraction_{stage}"] = dead
@@ -1007,22 +1012,59 @@ def gradient_flow_comparison(
     seed: int,
     device,
 ) -> dict:
-    """gradient_flow for every variant on one PairTask, and which ends with the smallest norms."""
+    """gradient_flow for every variant on one PairTask; which ends with the smallest norms, and
+    how its loss then ranks."""
     task = PairTask(vocab_size, context_len=2, seed=seed)
-    flow = {"n_layers": n_layers, "d_model": d_model, "steps": steps, "variants": {}}
+    flow = {"n_layers": n_layers, "d_model": d_model, "steps": steps, "lr": lr, "variants": {}}
     with _single_thread(device):
         for variant in VARIANTS:
             flow["variants"][variant] = gradient_flow(
                 variant, task, d_model, n_layers, steps, lr, batch_size, seed, device
             )
     trained = {v: r["grad_norm_trained"] for v, r in flow["variants"].items()}
-    flow["smallest_after_training"] = smallest_in_most_layers(trained)
+    small = smallest_in_most_layers(trained)
+    losses = {v: r["loss_trained"] for v, r in flow["variants"].items()}
+    small["loss_rank"] = sorted(losses, key=losses.get).index(small["variant"]) + 1
+    small["statement"] = trained_norms_statement(small, losses, steps, lr, math.log(vocab_size))
+    flow["smallest_after_training"] = small
     return flow
+
+
+def trained_norms_statement(
+    small: dict, losses: dict[str, float], steps: int, lr: float, uniform: float
+) -> str:
+    """Which FFN keeps the smallest gradients after training, and whether its loss is also the
+    lowest (``uniform``: the loss of a uniform guess, for scale): a small gradient means a flat
+    loss there, not necessarily a low one."""
+    variant, rank = small["variant"], small["loss_rank"]
+    best = min(losses, key=losses.get)
+    head = (
+        f"After {steps} Adam steps (lr {lr:g}) the {small['label']}'s gradient norm is the "
+        f"smallest in {small['layers']} of {small['n_layers']} layers"
+    )
+    if rank == 1:
+        return f"{head}, and its loss, {losses[variant]:.3f} nats, is also the lowest"
+    return (
+        f"{head}, yet its loss ranks {rank} of {len(losses)} ({losses[variant]:.3f} nats; "
+        f"lowest: {FFN_LABELS[best]}, {losses[best]:.3f}; a uniform guess: {uniform:.3f}): a "
+        "small gradient is not a low loss"
+    )
+
+
+def _run_seed(seed: int, variant: str) -> int:
+    """The seed of one training run: its own stream for every (seed, variant) pair. Runs of
+    different variants then share neither the initialisation nor the sampled batches, so
+    under "no real difference" their final losses are independent and exchangeable, which
+    the chance level 1 / C(2n, n) assumes (runs sharing a seed would be paired instead)."""
+    index = (*VARIANTS, "none").index(variant)
+    state = np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)
+    return int(state[0]) % 2**63
 
 
 def _train_run(variant, task, d_model, n_layers, steps, lr, batch_size, seed, eval_every, device):
     """Adam on fresh samples each step, cosine decay to 0 (the final loss is then a property
-    of the model, not of the step size); the exact expected loss every ``eval_every`` steps."""
+    of the model, not of the step size); the exact expected loss every ``eval_every`` steps.
+    ``seed`` seeds both the initialisation and the sampled batches."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     n_layers = 0 if variant == "none" else n_layers
@@ -1068,11 +1110,12 @@ def training_comparison(
     variants = {}
     for variant in (*VARIANTS, "none"):
         with _single_thread(device):
+            run_seeds = [_run_seed(s, variant) for s in seeds]
             runs = [
                 _train_run(
                     variant, task, d_model, n_layers, steps, lr, batch_size, s, eval_every, device
                 )
-                for s in seeds
+                for s in run_seeds
             ]
         curves = np.array([r["losses"] for r in runs])  # (n_seeds, n_evals)
         final = curves[:, -1]
@@ -1085,13 +1128,17 @@ def training_comparison(
             "final_loss_mean": float(final.mean()),
             "final_loss_std": float(final.std(ddof=ddof)),
             "excess_loss_mean": float(final.mean() - task.entropy_floor),
+            "run_seeds": run_seeds,
         }
     ranked = sorted(VARIANTS, key=lambda v: variants[v]["final_loss_mean"])
+    for rank, variant in enumerate(ranked, start=1):
+        variants[variant]["rank"] = rank  # 1 = lowest mean final loss of the FFN variants
     relu = variants["relu"]
     # "Better than ReLU on every seed": its worst seed ends below ReLU's best seed. If the
-    # variant made no difference, all 2n final losses would be exchangeable and this complete
-    # separation would happen by chance with probability 1 / C(2n, n) (0.05 for 3 seeds each:
-    # the exact one-sided Mann-Whitney test), per comparison.
+    # variant made no difference, all 2n final losses (independent runs, see _run_seed) would
+    # be exchangeable and this complete separation would happen by chance with probability
+    # 1 / C(2n, n) (0.05 for 3 seeds each: the exact one-sided Mann-Whitney test), per
+    # comparison.
     every_seed = [
         v
         for v in VARIANTS
@@ -1158,15 +1205,36 @@ def speed_claim(speed: float, lo: float, hi: float, rounds: int) -> dict:
     return claim(measured + verdict, held, speed=speed, speed_lo=lo, speed_hi=hi, rounds=rounds)
 
 
+CHANCE_LEVEL = 0.05  # "shown": a result this run would give by chance at most 5% of the time
+
+
+def seeds_needed(chance_level: float = CHANCE_LEVEL) -> int:
+    """Fewest seeds per variant n whose complete separation, 1 / C(2n, n), is <= chance_level."""
+    _check_positive(chance_level=chance_level)
+    n = 1
+    while 1 / math.comb(2 * n, n) > chance_level:  # C(2n, n) >= 2**n: ends for any level > 0
+        n += 1
+    return n
+
+
 def every_seed_claim(finals: list[float], relu_finals: list[float], chance: float) -> dict:
-    """SwiGLU below ReLU on every seed: its worst seed under ReLU's best (chance level given)."""
+    """SwiGLU below ReLU on every seed: its worst seed under ReLU's best, and that outcome
+    rare by chance (<= CHANCE_LEVEL) if the FFNs made no difference."""
     n, below = len(finals), sum(f < min(relu_finals) for f in finals)
     diff = float(np.mean(finals) - np.mean(relu_finals))
-    held = max(finals) < min(relu_finals)
+    separated = max(finals) < min(relu_finals)
+    held = separated and chance <= CHANCE_LEVEL
     if held:
         statement = (
             f"SwiGLU ended below the ReLU FFN on every seed: its worst of {n} seeds beat ReLU's "
             f"best (mean {diff:+.3f} nats; with no real difference the chance is {chance:.2f})"
+        )
+    elif separated:
+        statement = (
+            f"SwiGLU ended below the ReLU FFN on all {n} seeds (mean {diff:+.3f} nats), but with "
+            f"{n} seeds each that happens by chance with probability {chance:.2f} even with no "
+            f"real difference: too few seeds to show it (at most {CHANCE_LEVEL} needs "
+            f"{seeds_needed()} or more)"
         )
     else:
         statement = (
@@ -1174,10 +1242,12 @@ def every_seed_claim(finals: list[float], relu_finals: list[float], chance: floa
             f"SwiGLU seeds ended below ReLU's best (mean {diff:+.3f} nats, "
             f"{'lower' if diff < 0 else 'not lower'} on average; chance level {chance:.2f})"
         )
-    return claim(statement, held, swiglu_minus_relu_final_loss=diff, seeds_below=below, n=n)
+    return claim(
+        statement, held, swiglu_minus_relu_final_loss=diff, seeds_below=below, n=n, chance=chance
+    )
 
 
-def dead_units_claim(dead: dict[str, float], steps: int) -> dict:
+def dead_units_claim(dead: dict[str, float], steps: int, lr: float) -> dict:
     """ReLU units die during training while the smooth and gated FFNs keep theirs."""
     others = {v: d for v, d in dead.items() if v != "relu"}
     worst = max(others, key=others.get)
@@ -1186,16 +1256,16 @@ def dead_units_claim(dead: dict[str, float], steps: int) -> dict:
         rest = (
             f"at most {100 * others[worst]:.1f}% of any other FFN's"
             if others[worst] > 0
-            else "none of any other FFN's"
+            else "and none of any other FFN's"
         )
         statement = (
-            f"After {steps} Adam steps {100 * dead['relu']:.1f}% of the ReLU FFN's hidden units "
-            f"are dead (zero gradient from every input), {rest}"
+            f"After {steps} Adam steps at lr {lr:g}, {100 * dead['relu']:.1f}% of the ReLU FFN's "
+            f"hidden units are dead (zero gradient from every input), {rest}"
         )
     else:
         statement = (
             f"This run did not show ReLU units dying more than the others: after {steps} Adam "
-            f"steps {100 * dead['relu']:.1f}% of the ReLU FFN's units are dead, "
+            f"steps at lr {lr:g}, {100 * dead['relu']:.1f}% of the ReLU FFN's units are dead, "
             f"{100 * others[worst]:.1f}% of the {FFN_LABELS[worst]}'s"
         )
     return claim(statement, held, relu=dead["relu"], max_other=others[worst], max_other_ffn=worst)
@@ -1207,7 +1277,8 @@ def flat_init_claim(spread: float, n_layers: int) -> dict:
     if held:
         statement = (
             f"At initialisation each FFN's per-layer gradient norms agree within {spread:.2f}x "
-            f"across {n_layers} layers: nothing vanishes with depth in a pre-norm residual stack"
+            f"across the {n_layers} layers of this pre-norm residual stack: no layer's gradient "
+            "vanishes with depth"
         )
     else:
         statement = (
@@ -1231,7 +1302,7 @@ def swiglu_claims(results: dict) -> dict:
     )
     published = ", ".join(sorted({str(r["published_hidden_dim"]) for r in sizes.values()}))
     equal = "exactly" if deviation == 0 else f"within {100 * deviation:.2f}% of"
-    sw = rows.get("swiglu", rows[list(rows)[-1]])
+    sw = rows["swiglu"]  # main times SwiGLU in every configuration
     return {
         "llama_sizes": claim(
             f"Llama's rule gives the published hidden size ({published}) for {matched} of "
@@ -1261,6 +1332,7 @@ def swiglu_claims(results: dict) -> dict:
         "relu_units_die": dead_units_claim(
             {v: r["dead_unit_fraction_trained"] for v, r in flow["variants"].items()},
             flow["steps"],
+            flow["lr"],
         ),
         "swiglu_beats_relu": every_seed_claim(
             train["variants"]["swiglu"]["final_losses"],
@@ -1375,15 +1447,19 @@ def ffn_speed_title(table: dict) -> str:
     if median_out:
         speed = (
             f"but the median speed of {', '.join(median_out)} is more than {SPEED_TOLERANCE}x "
-            f"from its ({rounds} rounds)"
+            f"from the ReLU FFN's ({rounds} rounds)"
         )
     elif spread_out:
         speed = (
-            f"and every median speed is within {SPEED_TOLERANCE}x of its; {len(spread_out)} of "
+            f"and every median speed is within {SPEED_TOLERANCE}x of the ReLU FFN's; "
+            f"{len(spread_out)} of "
             f"{len(others)} left that band in some of the {rounds} rounds (whiskers: timing spread)"
         )
     else:
-        speed = f"and every one ran within {SPEED_TOLERANCE}x of its speed in all {rounds} rounds"
+        speed = (
+            f"and every one ran within {SPEED_TOLERANCE}x of the ReLU FFN's speed in all "
+            f"{rounds} rounds"
+        )
     equal = "exactly" if deviation == 0 else f"within {100 * deviation:.2f}%"
     return (
         f"Gated FFNs at 8/3 d and ungated at 4 d have the ReLU FFN's parameters and matmul FLOPs "
@@ -1437,16 +1513,11 @@ def grad_norms_titles(flow: dict) -> tuple[str, str]:
     """(figure title, right panel title), from the numbers."""
     spread = max(r["max_over_min_layer_grad_norm_init"] for r in flow["variants"].values())
     if spread < 2.0:
-        top = f"at init each FFN's per-layer gradient norms agree within {spread:.2f}x (nothing "
+        top = f"at init each FFN's per-layer gradient norms agree within {spread:.2f}x (none "
         top += "vanishes with depth)"
     else:
         top = f"at init the per-layer gradient norms differ by up to {spread:.2f}x"
-    small = flow["smallest_after_training"]
-    right = (
-        f"After {flow['steps']} Adam steps the {small['label']}'s is the smallest in "
-        f"{small['layers']} of {small['n_layers']} layers\n(smaller = less gradient left: a lower "
-        "loss, or units that pass none)"
-    )
+    right = textwrap.fill(flow["smallest_after_training"]["statement"], 80)
     return f"{flow['n_layers']}-layer pre-norm residual stack: {top}", right
 
 
@@ -1470,7 +1541,7 @@ def plot_grad_norms(flow: dict) -> plt.Figure:
 
 def dead_units_title(flow: dict) -> str:
     dead = {v: r["dead_unit_fraction_trained"] for v, r in flow["variants"].items()}
-    return dead_units_claim(dead, flow["steps"])["statement"]
+    return dead_units_claim(dead, flow["steps"], flow["lr"])["statement"]
 
 
 def plot_dead_units(flow: dict) -> plt.Figure:
@@ -1486,7 +1557,8 @@ def plot_dead_units(flow: dict) -> plt.Figure:
         top = 0.0
         for i, stage in enumerate(("init", "trained")):
             vals = [100 * flow["variants"][v][f"{key}_{stage}"] for v in variants]
-            label = "at init" if stage == "init" else f"after {flow['steps']} Adam steps"
+            trained = f"after {flow['steps']} Adam steps (lr {flow['lr']:g})"
+            label = "at init" if stage == "init" else trained
             bars = ax.bar(
                 x + (i - 0.5) * width, vals, width, label=label if ax is axes[0] else None
             )
@@ -1537,12 +1609,22 @@ def plot_training_curves(train: dict) -> plt.Figure:
     axes[1].set_xticks(range(len(names)), [FFN_LABELS[v] for v in names], rotation=30, fontsize=9)
     axes[1].set_ylabel("final expected loss (nats)")
     axes[1].set_title("Final loss per seed (x) and mean $\\pm$ std, best first")
-    fig.suptitle(
-        f"Equal parameters ({train['variants']['relu']['ffn_params']:,} FFN weights), "
-        f"{train['steps']} steps: next token from a random pair table "
-        f"(floor {floor:.3f} nats)"
-    )
+    fig.suptitle(training_curves_title(train))
     return fig
+
+
+def training_curves_title(train: dict) -> str:
+    """The training_curves.png title: the FFN weights (equal or not, counted), steps, task floor."""
+    counts = {r["ffn_params"] for v, r in train["variants"].items() if v != "none"}
+    params = (
+        f"Equal parameters ({counts.pop():,} FFN weights each)"
+        if len(counts) == 1
+        else f"{min(counts):,} to {max(counts):,} FFN weights"
+    )
+    return (
+        f"{params}, {train['steps']} steps, {len(train['seeds'])} seeds: next token from a "
+        f"random pair table (floor {train['task']['entropy_floor_nats']:.3f} nats)"
+    )
 
 
 # =============================================================================
@@ -1679,7 +1761,8 @@ def print_param_matched(table: dict) -> None:
 def print_gradient_flow(flow: dict) -> None:
     print(
         f"  {'FFN':<9} {'init grad norm: layer 1/last':>28} {'max/min':>7} "
-        f"{'zero-deriv init':>15} {'trained':>8} {'dead units init':>15} {'trained':>8}"
+        f"{'zero-deriv init':>15} {'trained':>8} {'dead units init':>15} {'trained':>8} "
+        f"{'loss trained':>12}"
     )
     for variant, r in flow["variants"].items():
         print(
@@ -1688,13 +1771,10 @@ def print_gradient_flow(flow: dict) -> None:
             f"{100 * r['zero_derivative_fraction_init']:>14.1f}% "
             f"{100 * r['zero_derivative_fraction_trained']:>7.1f}% "
             f"{100 * r['dead_unit_fraction_init']:>14.1f}% "
-            f"{100 * r['dead_unit_fraction_trained']:>7.1f}%"
+            f"{100 * r['dead_unit_fraction_trained']:>7.1f}% "
+            f"{r['loss_trained']:>12.4f}"
         )
-    small = flow["smallest_after_training"]
-    print(
-        f"  after training the smallest gradient norm is the {small['label']}'s in "
-        f"{small['layers']} of {small['n_layers']} layers"
-    )
+    print(f"  {flow['smallest_after_training']['statement']}")
 
 
 def print_training(train: dict) -> None:

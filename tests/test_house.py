@@ -34,6 +34,7 @@ SCRIPTS = [
     "multihead_latent_attention",
     "flash_attention",
     "tokenization",
+    "training",
 ]
 SHARED_FLAGS = ["--quick", "--out", "--no-show", "--device", "--seed"]
 HEADLINE = {
@@ -44,6 +45,7 @@ HEADLINE = {
     "multihead_latent_attention": "MultiHeadLatentAttention",
     "flash_attention": "flash_attention_forward",
     "tokenization": "BPETokenizer",
+    "training": "Llama",
 }
 SECTIONS = ["Core", "Baselines and apparatus", "Experiments", "Figures", "Main", "Plumbing"]
 BANNER = re.compile(r"^# (\d)\. ([A-Z][a-z]+(?: [a-z]+)*)", flags=re.MULTILINE)
