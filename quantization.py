@@ -1205,7 +1205,7 @@ def plot_codebook(weights: dict) -> plt.Figure:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
     for ax, levels, name in (
         (axes[0], nf4, "NF4 (normal quantiles)"),
-        (axes[1], uniform, "int4 (uniform grid, min..max)"),
+        (axes[1], uniform, "int4 (uniform grid, drawn for a block spanning -absmax..absmax)"),
     ):
         ax.hist(
             block_values.numpy(),
@@ -1217,6 +1217,7 @@ def plot_codebook(weights: dict) -> plt.Figure:
         for i, v in enumerate(levels):
             ax.axvline(v, color="tab:red", lw=1, label="the 16 levels" if i == 0 else None)
         ax.set_title(name)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.3)  # room for the legend above the data
         ax.set_xlabel("weight / absmax of its block")
         ax.legend(loc="upper left", fontsize=8)
     axes[0].set_ylabel("density")
