@@ -54,6 +54,9 @@ BANNER = re.compile(r"^# (\d)\. ([A-Z][a-z]+(?: [a-z]+)*)", flags=re.MULTILINE)
 # Roles every script fills for itself: the same name on purpose, a body of its own.
 PER_SCRIPT_ROLES = {"main", "parse_args", "check_correctness", "benchmark_decode", "SIZES"}
 PER_SCRIPT_PREFIXES = ("plot_", "print_")
+# Where the optimizer is the lesson it is written out (and tested against torch.optim); elsewhere
+# scripts use torch.optim.
+OPTIMIZER_IS_THE_LESSON = {"training"}
 
 
 def _source(stem: str) -> str:
@@ -133,7 +136,8 @@ def test_headline_docstring_example_runs(stem):
 def test_no_start_up_hacks_and_no_tracker_words(stem):
     src = _source(stem)
     assert "_should_skip_dynamo" not in src, f"{stem} overrides a private torch method"
-    assert not re.search(r"^class Adam\w*\b", src, flags=re.MULTILINE), f"{stem}: own optimizer"
+    if stem not in OPTIMIZER_IS_THE_LESSON:
+        assert not re.search(r"^class Adam\w*\b", src, flags=re.MULTILINE), f"{stem}: own optimizer"
     assert not re.search(r"\bgoals?\b", src), f"{stem} speaks of goals: say claims"
     assert not re.search(r"\bthe issue\b", src), f"{stem} refers to an issue tracker"
 

@@ -62,6 +62,8 @@ def randomise(module: torch.nn.Module) -> torch.nn.Module:
 @pytest.mark.parametrize("q_lora_rank", [None, 24])
 def test_matches_transformers_deepseek_v3_attention(rope_interleave, q_lora_rank):
     hf = pytest.importorskip("transformers.models.deepseek_v3.modeling_deepseek_v3")
+    from transformers import DynamicCache
+
     cfg = small_config(q_lora_rank=q_lora_rank, rope_interleave=rope_interleave)
     hf_cfg = hf.DeepseekV3Config(
         hidden_size=cfg.d_model,
@@ -92,13 +94,25 @@ def test_matches_transformers_deepseek_v3_attention(rope_interleave, q_lora_rank
     mask = torch.zeros(1, 1, seq_len, seq_len).masked_fill(
         ~causal_mask(seq_len, seq_len), float("-inf")
     )
+    hf_cache = DynamicCache()
     with torch.no_grad():
-        expected, _ = ref(x, (cos, sin), mask)
+        expected, _ = ref(x, (cos, sin), mask, cache=hf_cache)
         for mode in ATTENTION_MODES:
             torch.testing.assert_close(ours(x, mode=mode), expected, atol=TOL, rtol=0)
             # and the same through the latent cache, prefill then single-token steps
             got = run_chunks(ours, x, [5, 1, 3, 1, 1], mode)
             torch.testing.assert_close(got, expected, atol=TOL, rtol=0)
+            # what is cached is what transformers caches, in the same layout: the normalised
+            # latent and the rotated shared rope key (de-interleaved when rope_interleave)
+            cache = ours.new_cache(batch)
+            ours(x, 0, cache, mode)
+            layer = hf_cache.layers[0]  # keys: (batch, 1, seq_len, d_c), values: k_pe
+            torch.testing.assert_close(
+                cache.kv_cache[:, :seq_len], layer.keys[:, 0], atol=TOL, rtol=0
+            )
+            torch.testing.assert_close(
+                cache.pe_cache[:, :seq_len], layer.values[:, 0], atol=TOL, rtol=0
+            )
 
 
 # --- naive == absorbed == uncached ---------------------------------------------------------------
@@ -124,7 +138,7 @@ def test_naive_equals_absorbed_prefill_decode_chunked(rope_interleave, q_lora_ra
     )
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(
     n_heads=st.integers(1, 4),
     nope=st.integers(1, 12),
@@ -199,6 +213,18 @@ def test_mha_baseline_runs_in_bf16_close_to_fp32():
 # --- the cache -----------------------------------------------------------------------------------
 
 
+def deepseek_v3_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """DeepSeek-V3 ``inference/model.py`` ``precompute_freqs_cis`` + ``apply_rotary_emb`` (no
+    YaRN): each adjacent pair (x_2i, x_2i+1) is one complex number, turned by m theta_i in place."""
+    d = x.shape[-1]
+    freqs = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    freqs_cis = torch.polar(
+        torch.ones(len(positions), d // 2), torch.outer(positions.float(), freqs)
+    )
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * freqs_cis).flatten(-2).to(x.dtype)
+
+
 def test_cache_stores_only_normalised_latent_and_rotated_rope_key():
     cfg = small_config()
     attn = randomise(MultiHeadLatentAttention(cfg))
@@ -206,10 +232,12 @@ def test_cache_stores_only_normalised_latent_and_rotated_rope_key():
     cache = attn.new_cache(2, 10)
     with torch.no_grad():
         attn(x, 0, cache, "absorbed")
-        kv_a = attn.kv_a_proj_with_mqa(x)
-        c_kv = attn.kv_a_layernorm(kv_a[..., : cfg.kv_lora_rank])
-        cos, sin = rope_cos_sin(torch.arange(6), cfg.qk_rope_head_dim, cfg.rope_base)
-        k_pe = apply_rope_deinterleaved(kv_a[..., cfg.kv_lora_rank :], cos, sin)
+        kv_a = x @ attn.kv_a_proj_with_mqa.weight.T  # [W_DKV h | W_KR h]
+        latent = kv_a[..., : cfg.kv_lora_rank]
+        rms = latent.pow(2).mean(-1, keepdim=True).add(1e-6).rsqrt()
+        c_kv = latent * rms * attn.kv_a_layernorm.weight
+        in_place = deepseek_v3_rope(kv_a[..., cfg.kv_lora_rank :], torch.arange(6), cfg.rope_base)
+        k_pe = torch.cat((in_place[..., 0::2], in_place[..., 1::2]), dim=-1)  # de-interleaved
     tensors = {k for k, v in vars(cache).items() if isinstance(v, torch.Tensor)}
     assert tensors == {"kv_cache", "pe_cache"}
     assert cache.kv_cache.shape == (2, 10, cfg.kv_lora_rank)
@@ -610,7 +638,7 @@ def test_bad_input_raises_naming_the_argument(family, case):
 
 
 @pytest.mark.parametrize("field", SIZE_FIELDS)
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=15, deadline=None, derandomize=True)
 @given(
     bad=st.one_of(
         st.integers(max_value=0),
@@ -754,35 +782,12 @@ def test_main_quick_writes_figures_and_results(run_main):
     d = r["decode"]
     assert set(d["time_ms"]) == set(d["flops"]) == {"mha", "naive", "absorbed"}
     assert d["rounds"] >= 3
-    for k, times in d["time_ms"].items():
-        assert len(times) == len(d["contexts"])
-        assert all(
-            lo <= t <= hi
-            for lo, t, hi in zip(d["time_ms_min"][k], times, d["time_ms_max"][k], strict=True)
-        )
+    for k, times in d["time_ms"].items():  # one finite, positive time per context
+        assert len(times) == len(d["contexts"]) and all(0 < t < math.inf for t in times), k
     cfg = MLAConfig(**d["config"])  # fp32 caches of the benchmarked layer, measured == formula
     assert d["cache_bytes_per_token_per_layer"] == {
         "mha": 2 * cfg.n_heads * cfg.qk_nope_head_dim * 4,
         "mla": (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4,
-    }
-    assert d["flops"]["naive"] == [mla.decode_flops(cfg, t, "naive") for t in d["contexts"]]
-    assert d["cache_bytes_ratio_mha_vs_mla"] == pytest.approx(
-        2 * cfg.n_heads * cfg.qk_nope_head_dim / (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-    )
-    assert d["flop_ratio_absorbed_vs_mha"] == pytest.approx(
-        [
-            mla.decode_flops(cfg, t, "absorbed") / mla.decode_flops(cfg, t, "mha")
-            for t in d["contexts"]
-        ]
-    )
-    for s in d["speedup_absorbed_vs_naive"] + d["speedup_absorbed_vs_mha"]:
-        assert 0 < s["min"] <= s["median"] <= s["max"]
-    assert d["latent_width_per_head"] == cfg.kv_lora_rank + cfg.qk_rope_head_dim
-    assert r["table1"]["paper_formula"] == {
-        "mha": "2 n_h d_h",
-        "gqa_8_groups": "2 n_g d_h",
-        "mqa": "2 d_h",
-        "mla": "d_c + d_h^R",
     }
     assert "Table 1" in run.stdout and "absorbed vs MHA" in run.stdout
     claims = r["claims"]
@@ -798,6 +803,10 @@ def test_main_quick_writes_figures_and_results(run_main):
     for key in ("naive_equals_absorbed", "cached_generation_identical", "table1_reproduced"):
         assert claims[key]["held"] is True, claims[key]
     assert claims["mla_cache_smaller_than_mha"]["held"] is True
-    speed = claims["absorbed_faster_than_naive"]
-    assert speed["speedup_min"] <= speed["speedup_median"] <= speed["speedup_max"]
+    # arithmetic per cache byte, from the module docstring: one cached token costs absorbed MLA
+    # 2 h (2 d_c + d_rope) FLOPs for (d_c + d_rope) fp32 numbers, MHA 4 h d_h for 2 h d_h numbers
+    h, d_c, d_r = cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    assert d["flops_per_cache_byte"] == pytest.approx(
+        {"mla": 2 * h * (2 * d_c + d_r) / ((d_c + d_r) * 4), "mha": 4 / (2 * 4)}
+    )
     assert all(c["statement"] in run.stdout for c in claims.values())
