@@ -785,7 +785,7 @@ def check_quantizer_parity(weights: dict, bnb_functional) -> dict:
     code = bnb_functional.get_4bit_type("nf4", device="cpu")
     out["nf4_codebook_max_err"] = max_abs_err(nf4_codebook(), code)
     bytes_same = absmax_same = 0
-    deq_err = dq_agree = dq_total = dq_nearer = 0
+    deq_err, dq_agree, dq_total, dq_nearer = 0.0, 0, 0, 0
     for w in weights.values():
         packed, absmax = quantize_nf4(w, 64)
         ref, state = bnb_functional.quantize_4bit(w, blocksize=64, quant_type="nf4")
