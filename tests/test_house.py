@@ -35,6 +35,7 @@ SCRIPTS = [
     "flash_attention",
     "tokenization",
     "training",
+    "quantization",
 ]
 SHARED_FLAGS = ["--quick", "--out", "--no-show", "--device", "--seed"]
 HEADLINE = {
@@ -46,6 +47,7 @@ HEADLINE = {
     "flash_attention": "flash_attention_forward",
     "tokenization": "BPETokenizer",
     "training": "Llama",
+    "quantization": "QuantizedLinear",
 }
 SECTIONS = ["Core", "Baselines and apparatus", "Experiments", "Figures", "Main", "Plumbing"]
 BANNER = re.compile(r"^# (\d)\. ([A-Z][a-z]+(?: [a-z]+)*)", flags=re.MULTILINE)
