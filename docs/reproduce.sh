@@ -29,7 +29,8 @@ done
 uv run python docs/render_readme.py  # the suite checks the README against the new results
 echo "=== uv run pytest"
 t=$SECONDS
-uv run pytest -q -p no:cacheprovider
+pytest_status=0
+uv run pytest -q -p no:cacheprovider || pytest_status=$?
 pytest_seconds=$((SECONDS - t))
 seconds=$((SECONDS - start))
 mkdir -p docs/figures/reproduce
@@ -41,3 +42,5 @@ awk -v s="$seconds" -v d="$default_times" -v q="$quick_times" -v qm="$quick_max"
     }' > docs/figures/reproduce/results.json
 uv run python docs/render_readme.py
 echo "reproduced everything in $seconds s"
+# A failing suite still leaves the measured durations written, then fails the script.
+exit "$pytest_status"

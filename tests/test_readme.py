@@ -82,7 +82,7 @@ WORDING_KEYS = re.compile(r"(statement|phrase|label|direction|verdict|title)$")
 DEFINITIONS = re.compile(
     r"\b(bigger|higher|lower|smaller) (is|=|means) (faster|better|shorter|worse)\b|"
     r"\b(described|shown|listed|table|figure|method) (below|above)\b|"
-    r"\b(largest|smallest|highest|lowest) (error|value|entry)\b|"
+    r"\b(largest|smallest|highest|lowest|strongest) (error|value|entry|column|channel|row)\b|"
     r"\bthe machine (described )?above\b|\b2-core machine described above\b",
     flags=re.IGNORECASE,
 )
