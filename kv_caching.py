@@ -64,7 +64,7 @@ shrink this cache (see ``grouped_query_attention.py`` and ``multihead_latent_att
 
 Run it
 ------
-    uv run python kv_caching.py              # default sizes (about 3 minutes on a 2-core CPU)
+    uv run python kv_caching.py              # default sizes (run time: README, measured)
     uv run python kv_caching.py --quick      # small sizes, writes to figures/kv_caching/quick/
     uv run python kv_caching.py --out DIR --no-show --device cpu --seed 0
     uv run python kv_caching.py --hf-model gpt2   # also real GPT-2 text, if the weights are cached

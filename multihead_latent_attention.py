@@ -76,7 +76,7 @@ queries share the cost of rebuilding keys and values, the naive (expanded) form 
 Run it
 ------
     uv run python multihead_latent_attention.py          # default sizes (README: how long)
-    uv run python multihead_latent_attention.py --quick  # small sizes, under ~15 s on a 2-core CPU
+    uv run python multihead_latent_attention.py --quick  # small sizes, a fast check
     uv run python multihead_latent_attention.py --out DIR --no-show --device cpu --seed 0
 
 It prints each check and measurement, saves every figure as PNG and every printed number in

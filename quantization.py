@@ -56,8 +56,8 @@ the speed comes from int8 x int8 matmuls instead (measured here).
 
 Run it
 ------
-    uv run python quantization.py                   # default run (about 2 minutes on a 2-core CPU)
-    uv run python quantization.py --quick           # a tiny model trained here, ~20 s
+    uv run python quantization.py                   # default run (run time: README, measured)
+    uv run python quantization.py --quick           # a tiny model trained here, a fast check
     uv run python quantization.py --model DIR       # quantize DIR/model.pt (from training.py)
 
 The default run quantizes ``docs/figures/training/model.pt`` (training.py's default run) when it

@@ -88,8 +88,8 @@ GEGLU: T5 v1.1, Gemma. ReLU FFN: original Transformer, T5 v1.0. GELU FFN: BERT, 
 
 Run it
 ------
-    uv run python swiglu.py              # default sizes (about 100 s on an idle 2-core CPU)
-    uv run python swiglu.py --quick      # small sizes, about 20 s (writes figures/swiglu/quick/)
+    uv run python swiglu.py              # default sizes (run time: README, measured)
+    uv run python swiglu.py --quick      # small sizes (writes figures/swiglu/quick/)
     uv run python swiglu.py --out DIR --no-show --device cpu --seed 0 --seeds 5 --steps 1000
 
 It prints each check and measurement and the claims they bear out (or not), then saves every

@@ -69,7 +69,7 @@ Hugging Face's ``Trainer`` (token-weighted loss across accumulation steps, trans
 
 Run it
 ------
-    uv run python training.py           # default run (about 3 minutes on an idle 2-core CPU)
+    uv run python training.py           # default run (run time: README, measured)
     uv run python training.py --quick   # small sizes, a fast check
     uv run python training.py --steps 600 --bf16 --out DIR --no-show
 
