@@ -89,8 +89,7 @@ Contents
    ``QuantizedLinear``, ``quantized_bytes`` (8), ``quantize_model``.
 3. Baselines and apparatus: the door checks (``_check_weight``, ``_check_codes``,
    ``_check_scheme`` and the shared ``_check_sizes``, ``_check_positive``,
-   ``_check_float_tensor``), ``DEFAULT_MODEL_DIR``, ``load_model`` (training.py's model),
-   ``calibration_ids`` and ``calibrate`` (Hessians and activation maxima),
+   ``_check_float_tensor``), ``calibration_ids`` and ``calibrate`` (Hessians and activation maxima),
    ``DynamicInt8Linear`` and ``dynamic_int8_model`` (the int8 x int8 path),
    ``bitsandbytes_functional``, ``model_weight_bytes``, ``LABELS``, ``QUANTIZED_ROWS``.
 4. Experiments: ``claim``, ``print_claims``, ``_int4_reference`` and
@@ -113,7 +112,6 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
-import dataclasses
 import functools
 import itertools
 import json
@@ -132,6 +130,8 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import training
 
 # =============================================================================
 # 2. Core: int8, int4 and NF4 codes, GPTQ, QuantizedLinear
@@ -575,7 +575,6 @@ def _check_codes(q: torch.Tensor, dtype: torch.dtype, name: str = "q", shape=Non
         raise ValueError(f"{name} (shape {tuple(q.shape)}) must have shape {tuple(shape)}")
 
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "docs/figures/training"
 QUANTIZED_ROWS = ("int8", "int4", "int4_gptq", "int4_pc", "int4_pc_gptq", "nf4", "nf4_dq")
 LABELS = {
     "fp32": "fp32",
@@ -589,44 +588,6 @@ LABELS = {
     "nf4_dq": "NF4 + double quant",
     "int8_dynamic": "int8 dynamic (int8 x int8)",
 }
-
-
-def load_model(model_dir: Path | None, train_sizes: dict, seed: int) -> tuple:
-    """training.py's model: ``model_dir/model.pt`` if it exists, else a small Llama trained
-    here through ``training.train``. Returns (model, data, windows, info)."""
-    import training
-
-    data = training.load_data()
-    path = None if model_dir is None else Path(model_dir) / "model.pt"
-    if path is not None and path.is_file():
-        saved = torch.load(path, weights_only=True)
-        cfg = training.ModelConfig(**saved["config"])
-        model = training.Llama(cfg)
-        model.load_state_dict(saved["state_dict"], strict=True)
-        root = Path(__file__).resolve().parent
-        shown = path.resolve().relative_to(root) if path.resolve().is_relative_to(root) else path
-        source = f"loaded {shown}"
-    else:
-        m, t = train_sizes["model"], train_sizes["train"]
-        cfg = training.ModelConfig(
-            vocab_size=data["info"]["vocab_size"], max_seq_len=t["seq_len"], **m
-        )
-        tcfg = training.TrainConfig(**t, seed=seed)
-        windows = training.val_windows(data["val"], t["seq_len"], 8)
-        model = training.train(cfg, tcfg, data["train"], windows)["model"]
-        why = "--quick" if model_dir is None else f"no {path.name} in {model_dir.name}/"
-        source = f"trained here through training.train ({t['steps']} steps; {why})"
-    model.eval()
-    windows = training.val_windows(data["val"], cfg.max_seq_len, train_sizes["val_windows"])
-    n_params = sum(p.numel() for p in model.parameters())
-    info = {
-        "source": source,
-        "config": dataclasses.asdict(cfg),
-        "parameters": n_params,
-        "val_windows": len(windows),
-        "val_tokens": windows[:, 1:].numel(),
-    }
-    return model, data, windows, info
 
 
 def calibration_ids(train_ids: torch.Tensor, windows: torch.Tensor, n: int, seed: int):
@@ -887,8 +848,6 @@ def token_losses(model: nn.Module, windows: torch.Tensor, batch_size: int = 16) 
 def evaluate_models(models: dict, windows: torch.Tensor, token_bytes: torch.Tensor) -> tuple:
     """Validation loss, perplexity and bits per byte of each model, and its weight bytes; also
     returns every model's per-token losses (for paired comparisons)."""
-    import training
-
     out, losses = {}, {}
     for name, m in models.items():
         losses[name] = token_losses(m, windows)
@@ -1406,18 +1365,11 @@ SIZES = {
 }
 
 
-def _model_dir(text: str) -> Path:
-    path = Path(text)
-    if not (path / "model.pt").is_file():
-        raise argparse.ArgumentTypeError(f"{path} holds no model.pt")
-    return path
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = base_parser()
     parser.add_argument(
         "--model",
-        type=_model_dir,
+        type=training.trained_model_dir,
         default=None,
         metavar="DIR",
         help="folder with training.py's model.pt (default: docs/figures/training if it has one,"
@@ -1541,8 +1493,10 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"meta": run_meta(args, device)}
     n = 7
     print(f"[1/{n}] loading the model ...")
-    model_dir = args.model or (None if args.quick else DEFAULT_MODEL_DIR)
-    model, data, windows, results["model"] = load_model(model_dir, cfg["fallback"], args.seed)
+    model_dir = args.model or (None if args.quick else training.DEFAULT_MODEL_DIR)
+    model, data, windows, results["model"] = training.load_trained_model(
+        model_dir, cfg["fallback"], args.seed
+    )
     print_model(results["model"])
     print(f"[2/{n}] checking parity with bitsandbytes and gpt-fast's formulas ...")
     weights = {

@@ -102,8 +102,9 @@ Contents
    ``SCHEDULES``, ``_check_train_config``, ``_check_train_args``, ``_check_checkpoint``);
    checkpoints (``make_checkpoint``, ``load_checkpoint``); the data (``get_batch``,
    ``evaluate``, ``_record_eval``, ``TOKENIZER_FILE``, ``TOKENIZER_VOCAB``, ``load_data``,
-   ``val_windows``); ``ngram_baselines``, ``bits_per_byte``, ``matmul_param_count``,
-   ``flops_per_token``, ``matmul_peak_flops``, ``SavedTensorBytes``,
+   ``val_windows``); the saved model for later scripts (``DEFAULT_MODEL_DIR``,
+   ``trained_model_dir``, ``load_trained_model``); ``ngram_baselines``, ``bits_per_byte``,
+   ``matmul_param_count``, ``flops_per_token``, ``matmul_peak_flops``, ``SavedTensorBytes``,
    ``activation_bytes_formula``, ``to_hf_llama``.
 4. Experiments: ``claim``, ``print_claims``, ``PARITY_CASES``, ``check_hf_parity``,
    ``check_adamw``, ``check_schedules``, ``check_clipping``, ``check_accumulation``,
@@ -901,6 +902,54 @@ def val_windows(val_ids: torch.Tensor, seq_len: int, max_windows: int | None = N
     if n < 1:
         raise ValueError(f"val_ids ({len(val_ids)} tokens) must be longer than seq_len ({seq_len})")
     return torch.stack([val_ids[i * seq_len : i * seq_len + seq_len + 1] for i in range(n)])
+
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "docs/figures/training"
+
+
+def trained_model_dir(text: str) -> Path:
+    """argparse type of a ``--model DIR`` flag: a folder holding this script's model.pt."""
+    path = Path(text)
+    if not (path / "model.pt").is_file():
+        raise argparse.ArgumentTypeError(f"{path} holds no model.pt")
+    return path
+
+
+def load_trained_model(model_dir: Path | None, train_sizes: dict, seed: int) -> tuple:
+    """The model this script's default run saved, for the scripts after it (evaluation,
+    quantization, fine-tuning): ``model_dir/model.pt`` if it exists, else a small Llama trained
+    here through ``train`` with ``train_sizes`` ({"model": ModelConfig fields, "train":
+    TrainConfig fields without the seed, "val_windows": n}), saying which in ``info["source"]``.
+    Returns (the model in eval mode, ``load_data()``'s dict, n validation windows, info)."""
+    data = load_data()
+    path = None if model_dir is None else Path(model_dir) / "model.pt"
+    if path is not None and path.is_file():
+        saved = torch.load(path, weights_only=True)
+        cfg = ModelConfig(**saved["config"])
+        model = Llama(cfg)
+        model.load_state_dict(saved["state_dict"], strict=True)
+        root = Path(__file__).resolve().parent
+        shown = path.resolve().relative_to(root) if path.resolve().is_relative_to(root) else path
+        source = f"loaded {shown}"
+    else:
+        m, t = train_sizes["model"], train_sizes["train"]
+        cfg = ModelConfig(vocab_size=data["info"]["vocab_size"], max_seq_len=t["seq_len"], **m)
+        tcfg = TrainConfig(**t, seed=seed)
+        windows = val_windows(data["val"], t["seq_len"], 8)
+        model = train(cfg, tcfg, data["train"], windows)["model"]
+        why = "--quick" if model_dir is None else f"no {path.name} in {model_dir.name}/"
+        source = f"trained here through training.train ({t['steps']} steps; {why})"
+    model.eval()
+    windows = val_windows(data["val"], cfg.max_seq_len, train_sizes["val_windows"])
+    n_params = sum(p.numel() for p in model.parameters())
+    info = {
+        "source": source,
+        "config": dataclasses.asdict(cfg),
+        "parameters": n_params,
+        "val_windows": len(windows),
+        "val_tokens": windows[:, 1:].numel(),
+    }
+    return model, data, windows, info
 
 
 def ngram_baselines(train_ids: torch.Tensor, windows: torch.Tensor, vocab_size: int) -> dict:
