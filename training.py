@@ -866,7 +866,9 @@ def load_data(tokenizer_file: Path | None = TOKENIZER_FILE) -> dict:
     pattern, 4096 ranks, on the train part). Returns the tokenizer, the token ids and sizes."""
     corpus = load_corpus()
     if tokenizer_file is not None and Path(tokenizer_file).is_file():
-        tok, source = BPETokenizer.load(tokenizer_file, GPT4_PATTERN), f"loaded {tokenizer_file}"
+        tok = BPETokenizer.load(tokenizer_file, GPT4_PATTERN)
+        path, root = Path(tokenizer_file).resolve(), Path(__file__).resolve().parent
+        source = f"loaded {path.relative_to(root) if path.is_relative_to(root) else path}"
     else:
         tok = BPETokenizer.train(corpus["train"], TOKENIZER_VOCAB, GPT4_PATTERN)
         source = f"trained here ({TOKENIZER_VOCAB} ranks, GPT-4 pattern, as tokenization.py)"

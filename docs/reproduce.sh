@@ -3,44 +3,69 @@
 # PNGs and results.json the README shows), time each script's default and --quick runs and the
 # test suite, then re-render README.md from those results. Every duration the README states
 # comes from docs/figures/reproduce/results.json, written here. Run it on an idle machine.
+#
+#   bash docs/reproduce.sh                    # every script, then the suite
+#   bash docs/reproduce.sh training quantization
+#                                             # only these scripts (after changing them), then
+#                                             # the suite; the other scripts keep the durations
+#                                             # recorded by their last run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts=(
     kv_caching positional_embeddings swiglu grouped_query_attention multihead_latent_attention
     flash_attention tokenization training quantization
 )
+if (($# > 0)); then
+    for name in "$@"; do
+        [[ " ${scripts[*]} " == *" $name "* ]] || { echo "unknown script: $name" >&2; exit 2; }
+    done
+    scripts=("$@")
+fi
 quick_out=$(mktemp -d)
 trap 'rm -rf "$quick_out"' EXIT
-start=$SECONDS
-default_times="" quick_times="" quick_max=0
+times="$quick_out/times.tsv"  # kind, script, seconds
 for i in "${!scripts[@]}"; do
     name=${scripts[$i]}
     echo "=== [$((i + 1))/${#scripts[@]}] $name.py -> docs/figures/$name/"
     rm -rf "docs/figures/$name"
     t=$SECONDS
     uv run python "$name.py" --no-show --out "docs/figures/$name"
-    default_times+="${default_times:+, }\"$name\": $((SECONDS - t))"
+    printf 'script_seconds\t%s\t%d\n' "$name" $((SECONDS - t)) >> "$times"
     t=$SECONDS
     uv run python "$name.py" --quick --no-show --out "$quick_out/$name" >/dev/null
-    quick=$((SECONDS - t))
-    quick_times+="${quick_times:+, }\"$name\": $quick"
-    quick_max=$((quick > quick_max ? quick : quick_max))
+    printf 'quick_seconds\t%s\t%d\n' "$name" $((SECONDS - t)) >> "$times"
 done
 uv run python docs/render_readme.py  # the suite checks the README against the new results
 echo "=== uv run pytest"
 t=$SECONDS
 pytest_status=0
 uv run pytest -q -p no:cacheprovider || pytest_status=$?
-pytest_seconds=$((SECONDS - t))
-seconds=$((SECONDS - start))
-mkdir -p docs/figures/reproduce
-awk -v s="$seconds" -v d="$default_times" -v q="$quick_times" -v qm="$quick_max" \
-    -v p="$pytest_seconds" 'BEGIN {
-        printf "{\"seconds\": %d, \"minutes\": %.2f, \"script_seconds\": {%s}, ", s, s / 60, d
-        printf "\"quick_seconds\": {%s}, \"quick_seconds_max\": %d, ", q, qm
-        printf "\"pytest_seconds\": %d, \"pytest_minutes\": %.1f}\n", p, p / 60
-    }' > docs/figures/reproduce/results.json
+printf 'pytest_seconds\t-\t%d\n' $((SECONDS - t)) >> "$times"
+# Merge into the recorded durations; "seconds" is what a full run takes: the sum of every
+# script's default and --quick run and the suite.
+uv run python - "$times" <<'PY'
+import json, sys
+from pathlib import Path
+
+path = Path("docs/figures/reproduce/results.json")
+old = json.loads(path.read_text()) if path.is_file() else {}
+new = {"script_seconds": dict(old.get("script_seconds", {})),
+       "quick_seconds": dict(old.get("quick_seconds", {}))}
+for line in Path(sys.argv[1]).read_text().splitlines():
+    kind, name, seconds = line.split("\t")
+    if kind == "pytest_seconds":
+        new["pytest_seconds"] = int(seconds)
+    else:
+        new[kind][name] = int(seconds)
+seconds = sum(new["script_seconds"].values()) + sum(new["quick_seconds"].values())
+seconds += new["pytest_seconds"]
+out = {"seconds": seconds, "minutes": round(seconds / 60, 2), **new,
+       "quick_seconds_max": max(new["quick_seconds"].values()),
+       "pytest_minutes": round(new["pytest_seconds"] / 60, 1)}
+path.parent.mkdir(parents=True, exist_ok=True)
+path.write_text(json.dumps(out) + "\n")
+PY
 uv run python docs/render_readme.py
-echo "reproduced everything in $seconds s"
+echo "reproduced in $SECONDS s"
 # A failing suite still leaves the measured durations written, then fails the script.
 exit "$pytest_status"
