@@ -1454,7 +1454,7 @@ def summarize(per_rank: list, sizes: dict, seed: int) -> dict:
         "tensor_parallel": tp,
         "pipeline": summarize_pipeline(per_rank, sizes),
         "memory": memory_table(per_rank),
-        "communication": communication_table(per_rank),
+        "communication": communication_table(per_rank, sizes),
         "step_ms": step_times(per_rank),
         "extrapolation": extrapolate_memory(),
         "zero_paper_check": zero_paper_check(),
@@ -1543,28 +1543,32 @@ def memory_table(per_rank: list) -> dict:
     return out
 
 
-def communication_table(per_rank: list) -> dict:
-    """Bytes rank 0 sent in one training step of each strategy, and the formula."""
-    r = per_rank[0]
+def communication_table(per_rank: list, sizes: dict) -> dict:
+    """Bytes rank 0 sent in one training step of each strategy, the formula, and what the step
+    covered (the data-parallel batch, the pipeline's batch, one tensor-parallel layer)."""
+    r, n = per_rank[0], len(per_rank)
+    batch = f"{sizes['batch_size'] * n} windows"
     out = {
         "ddp": {
             "measured": r["data_parallel"]["bytes_per_step"],
             "formula": r["data_parallel"]["bytes_formula"],
+            "note": batch,
         }
     }
     for stage in ("zero1", "zero2", "zero3"):
         z = r["zero"][stage]
-        out[stage] = {"measured": z["bytes_per_step"], "formula": z["bytes_formula"]}
+        out[stage] = {"measured": z["bytes_per_step"], "formula": z["bytes_formula"], "note": batch}
     for name in ("gpipe", "1f1b"):
         out[name] = {
             "measured": r["pipeline"][name]["bytes_per_step"],
             "formula": r["pipeline"]["bytes_formula"],
+            "note": f"{sizes['pipeline_batch']} windows",
         }
     tp = r["tensor_parallel"]
     out["tensor_parallel"] = {
         "measured": tp["mlp"]["bytes_per_step"] + tp["attention"]["bytes_per_step"],
         "formula": tp["mlp"]["bytes_formula"] + tp["attention"]["bytes_formula"],
-        "note": "one decoder layer (MLP + attention), forward and backward",
+        "note": f"1 layer, {sizes['batch_size']} windows",
     }
     out["all_equal_formula"] = all(
         math.isclose(v["measured"], v["formula"]) for v in out.values() if isinstance(v, dict)
@@ -1849,7 +1853,8 @@ def plot_communication(com: dict) -> plt.Figure:
             lw=2,
             label="formula (1), (4)" if i == 0 else None,
         )
-    ax.set_xticks(range(len(rows)), [STRATEGY_LABELS[r] for r in rows], rotation=15, fontsize=8)
+    labels = [f"{STRATEGY_LABELS[r]}\n({com[r]['note']})" for r in rows]
+    ax.set_xticks(range(len(rows)), labels, rotation=15, fontsize=8)
     ax.set_ylabel("bytes sent by rank 0 per step (MiB)")
     ax.legend(fontsize=8)
     for i, row in enumerate(rows):
@@ -2109,6 +2114,7 @@ def setup_info(args, sizes: dict, device_type: str) -> dict:
         "steps": sizes["steps"],
         "accumulation": sizes["accumulation"],
         "n_micro": sizes["n_micro"],
+        "pipeline_batch": sizes["pipeline_batch"],
         "adamw": {k: list(v) if isinstance(v, tuple) else v for k, v in STEP_ADAMW.items()},
     }
 

@@ -279,6 +279,31 @@ def test_sampler_equals_distributed_sampler():
     assert set().union(*shards) == set(range(10))
 
 
+def test_held_bytes_counts_a_storage_once():
+    flat = torch.zeros(100)
+    views = [flat[:50], flat[50:], flat.view(10, 10)]
+    assert dt.held_bytes(views) == 400
+    assert dt.held_bytes([flat, torch.zeros(3, dtype=torch.float64), None]) == 424
+
+
+def test_gradient_buckets_start_from_the_last_parameter_and_respect_the_size():
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (10, 20, 30, 40)]
+    buckets = dt.gradient_buckets(params, bucket_bytes=4 * 50)
+    assert [[p.numel() for p in b] for b in buckets] == [[40], [30, 20], [10]]
+    assert dt.gradient_buckets(params, bucket_bytes=1)[0][0] is params[-1]  # one per bucket
+
+
+def test_torchrun_is_detected_from_its_environment(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(key, raising=False)
+    assert not dt.under_torchrun()
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert dt.under_torchrun()
+    assert dt.parse_args(["--quick", "--world-size", "1"]).world_size == 2  # WORLD_SIZE wins
+
+
 def test_memory_formula_gives_the_zero_paper_numbers():
     # ZeRO paper, figure 1: 7.5B parameters, 64 GPUs, K = 12: 120, 31.4, 16.6, 1.9 GB
     got = [memory_formula(s, 7.5e9, 64, dt.BYTES_PAPER)["total"] / 1e9 for s in dt.STRATEGIES]
