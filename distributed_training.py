@@ -1128,7 +1128,8 @@ def check_data_parallel(comm, cfg, sizes, seed, device, batches, reference, dtyp
 def check_zero(comm, cfg, sizes, seed, device, mesh, batches, reference, dtype) -> dict:
     """ZeRO stages 1-3 and FSDP2 against one process: parameters after the steps, the bytes
     each rank sent per step, the bytes it held (parameters and gradients at the optimizer
-    step, AdamW state after it), seconds per step."""
+    step, AdamW state after it), seconds per step. Not counted: the full gradients stage 2
+    holds until its reduce-scatter after backward, the unit stage 3 holds while running it."""
     out, params = {}, {}
     for stage in (1, 2, 3):
         model = seeded_llama(cfg, seed, device, dtype)
