@@ -118,9 +118,9 @@ Contents
    ``ReduceFromTensorParallel`` (g), ``TensorParallelBlock`` (5, 6); ``gpipe_schedule``,
    ``one_f_one_b_schedule``, ``run_pipeline`` (7).
 3. Baselines and apparatus: the door checks (``_check_sizes``, ``_check_float_tensor``,
-   ``_check_tp_divides``, ``check_parallel_sizes``); the launcher (``free_port``,
-   ``dist_backend``, ``under_torchrun``, ``worker_main``, ``launch_workers``: fork, timeouts,
-   teardown, torchrun); accounting (``zero_full_parameters``, ``held_bytes``,
+   ``_check_tp_divides``, ``_check_tp_layer``, ``check_parallel_sizes``); the launcher
+   (``free_port``, ``dist_backend``, ``under_torchrun``, ``worker_main``, ``launch_workers``:
+   fork, timeouts, teardown, torchrun); accounting (``zero_full_parameters``, ``held_bytes``,
    ``optimizer_state_bytes``, ``STRATEGIES``, ``BYTES_FP32``, ``BYTES_PAPER``,
    ``memory_formula``, ``comm_formula``, ``LLAMA2``, ``llama2_params``,
    ``schedule_idle_fraction``, ``bubble_formula``); the model and data (``model_config``,
@@ -488,13 +488,12 @@ class TensorParallelBlock(nn.Module):
     def __init__(self, layer: nn.Module, comm: RingComm) -> None:
         super().__init__()
         self.comm, n, r = comm, comm.world_size, comm.rank
+        _check_tp_layer(layer, n)
         if isinstance(layer, SwiGLUFeedForward):
-            _check_tp_divides(world_size=n, hidden_dim=layer.hidden_dim)
-            self.shard = SwiGLUFeedForward(layer.d_model, hidden_dim=layer.hidden_dim // n)
             h = layer.hidden_dim // n
+            self.shard = SwiGLUFeedForward(layer.d_model, hidden_dim=h)
             splits = {"gate_proj": (h, 0), "up_proj": (h, 0), "down_proj": (h, 1)}
-        elif isinstance(layer, GroupedQueryAttention):
-            _check_tp_divides(world_size=n, n_heads=layer.n_heads, n_kv_heads=layer.n_kv_heads)
+        else:  # GroupedQueryAttention
             d = layer.head_dim
             self.shard = GroupedQueryAttention(
                 layer.d_model, layer.n_heads // n, layer.n_kv_heads // n, d,
@@ -502,9 +501,6 @@ class TensorParallelBlock(nn.Module):
             )  # fmt: skip
             q, kv = layer.n_heads // n * d, layer.n_kv_heads // n * d
             splits = {"q_proj": (q, 0), "k_proj": (kv, 0), "v_proj": (kv, 0), "o_proj": (q, 1)}
-        else:
-            raise TypeError(f"layer must be a SwiGLUFeedForward or GroupedQueryAttention, "
-                            f"got {type(layer).__name__}")  # fmt: skip
         with torch.no_grad():  # column parallel: output features (dim 0) split; row: inputs (1)
             for name, (size, dim) in splits.items():
                 mine = getattr(layer, name).weight.split(size, dim)[r]
@@ -606,6 +602,20 @@ def _check_tp_divides(world_size: int, **sizes: int) -> None:
     for name, value in sizes.items():
         if value % world_size:
             raise ValueError(f"world_size ({world_size}) must divide {name} ({value})")
+
+
+def _check_tp_layer(layer: nn.Module, world_size: int) -> None:
+    """A SwiGLU MLP or a GQA attention layer without biases (their split is not written out),
+    whose hidden units or query and KV heads ``world_size`` divides."""
+    if not isinstance(layer, SwiGLUFeedForward | GroupedQueryAttention):
+        name = type(layer).__name__
+        raise TypeError(f"layer must be a SwiGLUFeedForward or GroupedQueryAttention, got {name}")
+    if any(m.bias is not None for m in layer.modules() if isinstance(m, nn.Linear)):
+        raise ValueError("layer has biases: TensorParallelBlock splits bias-free layers (Llama's)")
+    if isinstance(layer, SwiGLUFeedForward):
+        _check_tp_divides(world_size, hidden_dim=layer.hidden_dim)
+    else:
+        _check_tp_divides(world_size, n_heads=layer.n_heads, n_kv_heads=layer.n_kv_heads)
 
 
 def check_parallel_sizes(

@@ -413,6 +413,17 @@ def test_bad_arguments_of_the_core_name_the_argument():
         bubble_formula(2.5, 4)
     with pytest.raises(RuntimeError, match="init_process_group"):
         dt.RingComm()
+    attention = dt.GroupedQueryAttention(32, 4, 2, max_seq_len=8)
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        dt._check_tp_layer(attention, 4)
+    with pytest.raises(ValueError, match="n_heads"):
+        dt._check_tp_layer(attention, 3)
+    with pytest.raises(ValueError, match="hidden_dim"):
+        dt._check_tp_layer(dt.SwiGLUFeedForward(32, hidden_dim=66), 4)
+    with pytest.raises(ValueError, match="biases"):
+        dt._check_tp_layer(dt.SwiGLUFeedForward(32, hidden_dim=64, bias=True), 2)
+    with pytest.raises(TypeError, match="layer"):
+        dt._check_tp_layer(torch.nn.Linear(4, 4), 2)
 
 
 @pytest.mark.parametrize(
