@@ -54,7 +54,16 @@ N ranks, a tensor of n elements, Psi parameters, element size 4 bytes (fp32 here
     (6) f: forward x -> x, backward dL/dx = sum_r dL/dx_r (all-reduce);  g: forward
         y = sum_r y_r (all-reduce), backward dL/dy_r = dL/dy: each is the other's transpose
     (7) pipeline bubble (p stages, m micro-batches, equal forward and backward times per stage):
-        idle fraction = (p - 1) / (m + p - 1), for GPipe and for 1F1B
+        idle fraction = (p - 1) / (m + p - 1), for GPipe and for 1F1B. Equal layers per stage
+        are not equal times (the head over a 4,097-token vocabulary costs several layers), so
+        the run also cuts the model by measured time (torchgpipe's balance_by_time)
+
+Why float64 for the equalities of trained parameters: N ranks sum a gradient in another order
+than one process does, so in fp32 the sums differ in their last bits. AdamW's step,
+lr m / (sqrt(v) + eps), is about lr sign(g) whatever the gradient's size, so where a gradient is
+as tiny as that rounding (a sum that nearly cancels) the two runs can step by visibly different
+amounts. Every strategy therefore also trains in float64, where the equalities are held to 1e-6;
+the fp32 gaps are reported beside them.
 
 Where it is used
 ----------------
@@ -106,7 +115,9 @@ References
   ``torch/distributed/fsdp/_fully_shard/``, ``torch/distributed/tensor/parallel/style.py``
   (``ColwiseParallel``, ``RowwiseParallel``), ``torch/distributed/pipelining/schedules.py``;
   NVIDIA/Megatron-LM ``megatron/core/tensor_parallel/mappings.py`` (f and g) and
-  ``megatron/core/pipeline_parallel/schedules.py``; deepspeedai/DeepSpeed
+  ``megatron/core/pipeline_parallel/schedules.py`` (and ``transformer/transformer_config.py``:
+  ``num_layers_in_last_pipeline_stage``); kakaobrain/torchgpipe ``torchgpipe/balance/__init__.py``
+  (``balance_by_time``: stages cut by measured time); deepspeedai/DeepSpeed
   ``deepspeed/runtime/zero/stage_1_and_2.py``.
 
 Contents
@@ -127,11 +138,12 @@ Contents
    ``seeded_llama``, ``rank_batches``, ``global_batches``); the references
    (``reference_train``, ``ddp_train``, ``fsdp2_train``, ``dtensor_block``).
 4. Experiments: ``claim``, ``print_claims``, ``STEP_ADAMW``; in every worker ``check_ring``,
-   ``check_data_parallel``, ``check_zero``, ``check_tensor_parallel``, ``pipeline_stage``,
-   ``check_pipeline``, ``worker_experiments``; then ``check_sampler``, ``summarize``,
-   ``summarize_pipeline``, ``pipeline_idle``, ``MEMORY_ROWS``, ``STRATEGY_LABELS``,
-   ``memory_table``, ``communication_table``, ``step_times``, ``extrapolate_memory``,
-   ``zero_paper_check``, ``zero3_phrase``, ``idle_sentence``, ``distributed_claims``.
+   ``check_data_parallel``, ``check_zero``, ``check_tensor_parallel``, ``equal_layer_stages``,
+   ``balanced_stages``, ``unit_seconds``, ``check_pipeline``, ``worker_experiments``; then
+   ``check_sampler``, ``summarize``, ``summarize_pipeline``, ``stage_name``, ``pipeline_idle``,
+   ``MEMORY_ROWS``, ``STRATEGY_LABELS``, ``memory_table``, ``communication_table``,
+   ``step_times``, ``extrapolate_memory``, ``zero_paper_check``, ``zero3_phrase``,
+   ``idle_sentence``, ``split_label``, ``distributed_claims``.
 5. Figures: ``KIND_COLOURS``, ``timeline_title``, ``plot_pipeline_timeline``, ``plot_memory``,
    ``plot_communication``, ``plot_ring``.
 6. Main: ``SIZES``, ``parse_args``, ``run_sizes``, the ``print_*`` helpers,
@@ -150,6 +162,7 @@ import collections
 import contextlib
 import copy
 import datetime
+import itertools
 import json
 import logging
 import math
@@ -167,6 +180,7 @@ from pathlib import Path
 
 import matplotlib
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -674,16 +688,33 @@ def worker_main(fn, args: tuple, world_size: int, device_type: str, timeout_s: f
 
 def _worker_entry(rank, world_size, port, fn, args, device_type, timeout_s, results) -> None:
     """What each started process runs: the rendezvous address, then ``worker_main``; rank 0
-    puts the results (or any rank its traceback) on the queue."""
+    puts the results on the queue, a failing rank its error. An error inside ``fn`` is put
+    before the group is torn down, so the first cause comes before the other ranks' "connection
+    reset" that it provokes."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank)
     )
+    reported = []
+
+    def report(err: Exception) -> None:
+        if not reported:
+            reported.append(True)
+            results.put(("error", f"rank {rank} raised {type(err).__name__}: {err}".strip(),
+                         traceback.format_exc()))  # fmt: skip
+
+    def reporting_fn(*a):
+        try:
+            return fn(*a)
+        except Exception as err:
+            report(err)
+            raise
+
     try:
-        gathered = worker_main(fn, args, world_size, device_type, timeout_s)
+        gathered = worker_main(reporting_fn, args, world_size, device_type, timeout_s)
         if rank == 0:
-            results.put(("ok", gathered))
-    except Exception:
-        results.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
+            results.put(("ok", gathered, ""))
+    except Exception as err:
+        report(err)
 
 
 def launch_workers(
@@ -715,19 +746,20 @@ def launch_workers(
     try:
         while True:
             try:
-                status, payload = results.get(timeout=0.2)
+                status, payload, trace = results.get(timeout=0.2)
                 break
             except queue.Empty:
                 dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
                 if dead or time.monotonic() > deadline:
                     why = f"exit codes {dead}" if dead else f"no result within {timeout_s} s"
                     raise RuntimeError(f"the workers failed: {why}") from None
-        if status == "error":  # the others fail in turn (connection closed): say all
-            errors, until = [payload], time.monotonic() + 1
+        if status == "error":  # the first cause in full; the others fail in turn, one line each
+            then, until = [], time.monotonic() + 1
             while time.monotonic() < until:
                 with contextlib.suppress(queue.Empty):
-                    errors.append(results.get(timeout=0.1)[1])
-            raise RuntimeError("a worker failed, " + "\n".join(errors))
+                    then.append(results.get(timeout=0.1)[1].splitlines()[0][:200])
+            after = "".join(f"\n  then {line}" for line in then)
+            raise RuntimeError(f"a worker failed: {payload}{after}\n\n{trace}")
         ok = True
         return payload
     finally:
@@ -789,7 +821,8 @@ def memory_formula(strategy: str, psi: float, n: int, per_param: dict = BYTES_FP
 def comm_formula(strategy: str, psi: float, n: int, last_unit: float = 0.0) -> float:
     """(1), (4) Bytes one rank sends per step in fp32: all-reduce 2 (N-1)/N 4 Psi (DDP;
     ZeRO-1/2 as reduce-scatter + all-gather); ZeRO-3 adds the backward gathers (3 (N-1)/N
-    4 Psi), less the last unit's forward gather (its forward runs once, inside backward)."""
+    4 Psi), less the last unit's forward gather (its forward runs once, inside backward; FSDP2
+    likewise leaves its root module gathered after forward, to be used again at once)."""
     ring = (n - 1) / n * 4
     return {"ddp": 2, "zero1": 2, "zero2": 2, "zero3": 3}[strategy] * ring * psi - (
         ring * last_unit if strategy == "zero3" else 0.0
@@ -906,10 +939,11 @@ def global_batches(tokens, sizes: dict, world_size: int, seed: int, device) -> l
 
 
 def reference_train(model: training.Llama, batches: list, adamw: dict) -> torch.Tensor:
-    """One process, the whole batch, torch.optim.AdamW: the parameters after the steps."""
+    """One process, the whole batch, torch.optim.AdamW: the parameters after the steps. The
+    model's own forward, not ``llama_units``: the reference owes nothing to the code it checks."""
     optimizer = torch.optim.AdamW(model.parameters(), **adamw)
     for ids, targets in batches:
-        units_loss(llama_units(model), ids, targets).backward()
+        F.cross_entropy(model(ids).flatten(0, 1), targets.flatten()).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return torch.cat([p.detach().flatten() for p in model.parameters()])
@@ -1251,53 +1285,122 @@ def _local_slice(full_grad: torch.Tensor, name: str, comm: RingComm) -> torch.Te
     return full_grad.tensor_split(comm.world_size, dim=dim)[comm.rank]
 
 
-def pipeline_stage(units: list, world_size: int, rank: int) -> list:
-    """Rank r's units: its n_layers / N decoder layers, with the embedding on the first rank
-    and the norm and head on the last."""
-    n_layers = len(units) - 2
-    per = n_layers // world_size
-    stage = units[1 + rank * per : 1 + (rank + 1) * per]
+def equal_layer_stages(n_layers: int, n_stages: int) -> list[list[int]]:
+    """The textbook split, as ``llama_units`` indices: n_layers / N decoder layers per stage,
+    the embedding (unit 0) on the first stage, the norm and head (unit n_layers + 1) on the
+    last. Equal layers are not equal times: the head over a large vocabulary costs several."""
+    per = n_layers // n_stages
+    stages = [list(range(1 + s * per, 1 + (s + 1) * per)) for s in range(n_stages)]
     return (
-        ([units[0]] if rank == 0 else []) + stage + ([units[-1]] if rank == world_size - 1 else [])
+        [[0, *stages[0]], *stages[1:-1], [*stages[-1], n_layers + 1]]
+        if n_stages > 1
+        else [[0, *stages[0], n_layers + 1]]
     )
 
 
+def balanced_stages(costs: list, n_stages: int) -> list[list[int]]:
+    """Cut the units (one cost each, in model order) into ``n_stages`` contiguous, non-empty
+    runs whose largest total cost is the smallest possible (every cut is tried: fine for tens
+    of units). torchgpipe's ``balance_by_time`` does this with measured times; Megatron-LM
+    gives the last stage fewer layers for the same reason (``num_layers_in_last_pipeline_stage``,
+    ``account_for_loss_in_pipeline_split``).
+
+    >>> balanced_stages([0, 1, 1, 1, 1, 4], 2)  # embedding, 4 layers, head: the head alone
+    [[0, 1, 2, 3, 4], [5]]
+    """
+    _check_sizes(n_stages=n_stages)
+    if n_stages > len(costs):
+        raise ValueError(f"n_stages ({n_stages}) must be <= the number of units ({len(costs)})")
+
+    def bounds(cuts: tuple) -> list:
+        return list(zip((0, *cuts), (*cuts, len(costs)), strict=True))
+
+    best = min(
+        itertools.combinations(range(1, len(costs)), n_stages - 1),
+        key=lambda cuts: max(sum(costs[a:b]) for a, b in bounds(cuts)),
+    )
+    return [list(range(a, b)) for a, b in bounds(best)]
+
+
+def unit_seconds(units: list, ids, targets, comm: RingComm, rounds: int = 3) -> list[float]:
+    """Each unit's forward + backward seconds on one micro-batch (the loss counted with the
+    last unit), median of ``rounds``, averaged over the ranks by a ring all-reduce: every rank
+    gets the same numbers, so every rank cuts the model the same way."""
+    per_round = []
+    for _ in range(rounds):
+        inputs, outputs, seconds, h = [], [], [], ids
+        for unit in units:
+            x = h.detach().requires_grad_() if h.is_floating_point() else h
+            start = time.perf_counter()
+            h = unit(x)
+            seconds.append(time.perf_counter() - start)
+            inputs.append(x)
+            outputs.append(h)
+        start = time.perf_counter()
+        F.cross_entropy(h.flatten(0, 1), targets.flatten()).backward()
+        seconds[-1] += time.perf_counter() - start
+        for u in reversed(range(len(units) - 1)):
+            start = time.perf_counter()
+            outputs[u].backward(inputs[u + 1].grad)
+            seconds[u] += time.perf_counter() - start
+        per_round.append(seconds)
+    medians = [statistics.median(s) for s in zip(*per_round, strict=True)]
+    costs = torch.tensor(medians, dtype=torch.float64)
+    return (ring_all_reduce(costs, comm, "pp_costs") / comm.world_size).tolist()
+
+
 def check_pipeline(comm, cfg, sizes, seed, device, batch) -> dict:
-    """GPipe and 1F1B over m micro-batches against one process's gradients on the same batch;
-    then each schedule timed in interleaved rounds, the event times of every round kept."""
+    """GPipe and 1F1B over m micro-batches against one process's gradients on the same batch,
+    on two splits of the model into stages: equal layers per stage, and balanced by each unit's
+    measured time; then each (split, schedule) timed in interleaved rounds, the event times of
+    every round kept. Memory: the equal split's stage, at its optimizer step."""
     model = seeded_llama(cfg, seed, device)
     units = llama_units(model)
     ids, targets = batch
-    units_loss(units, ids, targets).backward()
+    F.cross_entropy(model(ids).flatten(0, 1), targets.flatten()).backward()  # the reference
     reference = {n: p.grad.clone() for n, p in model.named_parameters()}
-    stage = pipeline_stage(units, comm.world_size, comm.rank)
     names = {id(p): n for n, p in model.named_parameters()}
-    stage_params = [p for u in stage for p in u.parameters()]
     m = sizes["n_micro"]
     micro = list(zip(ids.chunk(m), targets.chunk(m), strict=True))
     act_shape = (len(ids) // m, ids.shape[1], cfg.d_model)
+    model.zero_grad(set_to_none=True)
+    costs = unit_seconds(units, *micro[0], comm)
     schedules = {"gpipe": gpipe_schedule, "1f1b": one_f_one_b_schedule}
-    out = {"n_micro": m, "stage_units": len(stage)}
-    for name, make in schedules.items():
-        model.zero_grad(set_to_none=True)
-        before = comm.sent["pp_activations"] + comm.sent["pp_gradients"]
-        loss, _ = run_pipeline(stage, make(comm.world_size, m)[comm.rank], micro, comm, act_shape)
-        out[name] = {
-            "grad_max_err": max(max_abs_err(p.grad, reference[names[id(p)]]) for p in stage_params),
-            "loss": loss,
-            "bytes_per_step": comm.sent["pp_activations"] + comm.sent["pp_gradients"] - before,
-            "events": [],
-        }
+    splits = {
+        "equal": equal_layer_stages(cfg.n_layers, comm.world_size),
+        "balanced": balanced_stages(costs, comm.world_size),
+    }
+    out = {"n_micro": m, "unit_ms": [1e3 * c for c in costs]}
+    stage = {k: [units[i] for i in v[comm.rank]] for k, v in splits.items()}
+    for split, stages in splits.items():
+        stage_params = [p for u in stage[split] for p in u.parameters()]
+        res = {"stages": stages}
+        for name, make in schedules.items():
+            model.zero_grad(set_to_none=True)
+            before = comm.sent["pp_activations"] + comm.sent["pp_gradients"]
+            acts = make(comm.world_size, m)[comm.rank]
+            loss, _ = run_pipeline(stage[split], acts, micro, comm, act_shape)
+            err = max(max_abs_err(p.grad, reference[names[id(p)]]) for p in stage_params)
+            res[name] = {
+                "grad_max_err": err,
+                "loss": loss,
+                "bytes_per_step": comm.sent["pp_activations"] + comm.sent["pp_gradients"] - before,
+                "events": [],
+            }
+        out[split] = res
     act_bytes = math.prod(act_shape) * 4
     first, last = comm.rank == 0, comm.rank == comm.world_size - 1
     out["bytes_formula"] = m * act_bytes * ((not last) + (not first))
     for _ in range(sizes["rounds"]):
-        for name, make in schedules.items():
+        for split, name in itertools.product(splits, schedules):
             model.zero_grad(set_to_none=True)
-            _, events = run_pipeline(
-                stage, make(comm.world_size, m)[comm.rank], micro, comm, act_shape
-            )
-            out[name]["events"].append(events)
+            acts = schedules[name](comm.world_size, m)[comm.rank]
+            _, events = run_pipeline(stage[split], acts, micro, comm, act_shape)
+            out[split][name]["events"].append(events)
+    model.zero_grad(set_to_none=True)  # one more step of the equal split, for its memory
+    run_pipeline(stage["equal"], gpipe_schedule(comm.world_size, m)[comm.rank], micro, comm,
+                 act_shape)  # fmt: skip
+    stage_params = [p for u in stage["equal"] for p in u.parameters()]
     optimizer = torch.optim.AdamW(stage_params, **STEP_ADAMW)
     optimizer.step()
     out["memory"] = {
@@ -1332,8 +1435,7 @@ def worker_experiments(sizes: dict, seed: int, device_type: str, tokens) -> dict
 
     def in_both(check, *args) -> dict:
         """The strategy in fp32 (bytes, memory, time, the fp32 gap) and in float64, where the
-        parameters can be held to 1e-6: in fp32 Adam's division by sqrt(v) + eps magnifies
-        rounding wherever a gradient is near eps."""
+        parameters can be held to 1e-6 (see "Why float64" at the top)."""
         out = check(RingComm(), *args, batches, ref[torch.float32], torch.float32)
         exact = check(RingComm(), *args, batches, ref[torch.float64], torch.float64)
         return _with_float64_errors(out, exact)
@@ -1473,40 +1575,64 @@ def summarize(per_rank: list, sizes: dict, seed: int) -> dict:
 
 
 def summarize_pipeline(per_rank: list, sizes: dict) -> dict:
+    """Both schedules in unit slots (the formula's world), then for each split (equal layers,
+    balanced by time) and schedule: the worst gradient error, the measured idle fraction over
+    the rounds, the median round's events, and the schedule replayed with that round's measured
+    per-rank forward and backward times (what unequal stages alone would give)."""
     n, m = len(per_rank), sizes["n_micro"]
-    out = {"n_stages": n, "n_micro": m, "bubble_formula": bubble_formula(n, m)}
+    unit_ms = per_rank[0]["pipeline"]["unit_ms"]
+    out = {"n_stages": n, "n_micro": m, "bubble_formula": bubble_formula(n, m), "unit_ms": unit_ms}
+    out["layer_ms_median"] = statistics.median(unit_ms[1:-1])  # forward + backward, 1 micro-batch
+    out["head_ms"] = unit_ms[-1]  # final norm, LM head and loss
+    out["slots"] = {}
     for name, make in (("gpipe", gpipe_schedule), ("1f1b", one_f_one_b_schedule)):
-        rounds = [
-            pipeline_idle([r["pipeline"][name]["events"][i] for r in per_rank])
-            for i in range(len(per_rank[0]["pipeline"][name]["events"]))
-        ]
-        fractions = [x["idle_fraction"] for x in rounds]
-        median_round = sorted(range(len(rounds)), key=lambda i: fractions[i])[len(rounds) // 2]
         slots = schedule_idle_fraction(make(n, m))
-        events = [r["pipeline"][name]["events"][median_round] for r in per_rank]
-        durations = [  # each rank's median forward and backward, in this round
-            [statistics.median(e[3] - e[2] for e in ev if e[0] == kind) for ev in events]
-            for kind in ("F", "B")
-        ]
-        out[name] = {
-            "grad_max_err": max(r["pipeline"][name]["grad_max_err"] for r in per_rank),
-            "loss": per_rank[-1]["pipeline"][name]["loss"],
-            "idle_fraction_measured": _spread(fractions),
-            "idle_fraction_slots": slots["idle_fraction"],
-            "idle_fraction_slots_backward_2x": schedule_idle_fraction(make(n, m), 1, 2)[
-                "idle_fraction"
-            ],
-            "makespan_ms": _spread([x["makespan_ms"] for x in rounds]),
-            "idle_fraction_stage_times": schedule_idle_fraction(make(n, m), *durations)[
-                "idle_fraction"
-            ],
-            "stage_ms": {k: [1e3 * t for t in d] for k, d in zip("FB", durations, strict=True)},
-            "events": events,
+        out["slots"][name] = {
+            "idle_fraction": slots["idle_fraction"],
+            "idle_fraction_backward_2x": schedule_idle_fraction(make(n, m), 1, 2)["idle_fraction"],
             "slots": slots["slots"],
-            "bytes_per_step_per_rank": [r["pipeline"][name]["bytes_per_step"] for r in per_rank],
         }
+    for split in ("equal", "balanced"):
+        stages = per_rank[0]["pipeline"][split]["stages"]
+        out[split] = {
+            "stages": stages,
+            "stage_names": [stage_name(st, len(unit_ms)) for st in stages],
+            "stage_cost_ms": [sum(unit_ms[i] for i in st) for st in stages],
+        }
+        for name, make in (("gpipe", gpipe_schedule), ("1f1b", one_f_one_b_schedule)):
+            runs = [r["pipeline"][split][name] for r in per_rank]
+            rounds = [
+                pipeline_idle([r["events"][i] for r in runs]) for i in range(len(runs[0]["events"]))
+            ]
+            fractions = [x["idle_fraction"] for x in rounds]
+            median_round = sorted(range(len(rounds)), key=lambda i: fractions[i])[len(rounds) // 2]
+            events = [r["events"][median_round] for r in runs]
+            durations = [  # each rank's median forward and backward, in this round
+                [statistics.median(e[3] - e[2] for e in ev if e[0] == kind) for ev in events]
+                for kind in ("F", "B")
+            ]
+            out[split][name] = {
+                "grad_max_err": max(r["grad_max_err"] for r in runs),
+                "loss": runs[-1]["loss"],
+                "idle_fraction_measured": _spread(fractions),
+                "makespan_ms": _spread([x["makespan_ms"] for x in rounds]),
+                "idle_fraction_stage_times": schedule_idle_fraction(make(n, m), *durations)[
+                    "idle_fraction"
+                ],
+                "stage_ms": {k: [1e3 * t for t in d] for k, d in zip("FB", durations, strict=True)},
+                "events": events,
+                "bytes_per_step_per_rank": [r["bytes_per_step"] for r in runs],
+            }
     out["bytes_formula_per_rank"] = [r["pipeline"]["bytes_formula"] for r in per_rank]
     return out
+
+
+def stage_name(units: list, n_units: int) -> str:
+    """A stage's units in words: "embedding + 2 layers", "2 layers + head", "head"."""
+    layers = sum(0 < u < n_units - 1 for u in units)
+    parts = (["embedding"] if 0 in units else []) + ([f"{layers} layer{'s' * (layers != 1)}"]
+             if layers else []) + (["head"] if n_units - 1 in units else [])  # fmt: skip
+    return " + ".join(parts)
 
 
 MEMORY_ROWS = ("ddp", "zero1", "zero2", "zero3", "fsdp2", "pipeline")
@@ -1537,7 +1663,7 @@ def memory_table(per_rank: list) -> dict:
                 if row == "pipeline"
                 else r["zero"][row]
             )
-            mem = dict(src["memory"])
+            mem = dict(src["memory"])  # the pipeline: the equal split's stage
             mem["total"] = sum(mem.values())
             ranks.append(mem)
         out[row] = {"measured": ranks}
@@ -1571,7 +1697,7 @@ def communication_table(per_rank: list, sizes: dict) -> dict:
         out[stage] = {"measured": z["bytes_per_step"], "formula": z["bytes_formula"], "note": batch}
     for name in ("gpipe", "1f1b"):
         out[name] = {
-            "measured": r["pipeline"][name]["bytes_per_step"],
+            "measured": r["pipeline"]["equal"][name]["bytes_per_step"],
             "formula": r["pipeline"]["bytes_formula"],
             "note": f"{sizes['pipeline_batch']} windows",
         }
@@ -1631,29 +1757,35 @@ def zero3_phrase(com: dict) -> str:
     return f"ZeRO-3 sends {com['zero3']['measured'] / com['ddp']['measured']:.2f}x DDP's bytes"
 
 
-def idle_sentence(p: dict, name: str) -> tuple[str, bool]:
-    """How the measured idle fraction of a schedule compares with (7), in words, and what the
-    schedule replayed with each rank's measured forward and backward times predicts (unequal
-    stages, which (7) assumes away; what remains is waiting on messages and on the cores)."""
-    meas, formula = p[name]["idle_fraction_measured"], p["bubble_formula"]
-    staged = p[name]["idle_fraction_stage_times"]
+def idle_sentence(split: dict, name: str, formula: float, label: str) -> tuple[str, bool]:
+    """How the measured idle fraction of a schedule on one split of the model compares with (7),
+    in words, and, when it differs, what the schedule replayed with each rank's measured forward
+    and backward times predicts: unequal stages, which (7) assumes away, or (what remains)
+    waiting on messages and on the shared cores."""
+    meas, staged = split[name]["idle_fraction_measured"], split[name]["idle_fraction_stage_times"]
     inside = meas["min"] <= formula <= meas["max"] or abs(meas["median"] - formula) < 0.05
     text = (
-        f"{STRATEGY_LABELS[name]}: measured idle fraction {meas['median']:.2f} (rounds "
+        f"{STRATEGY_LABELS[name]}, {label}: measured idle fraction {meas['median']:.2f} (rounds "
         f"{meas['min']:.2f}-{meas['max']:.2f}) vs the bubble formula {formula:.2f}"
     )
     if inside:
-        return text + ": within the run-to-run spread", True
+        return text + ": within 0.05 or the run-to-run spread", True
     why = (
         "unequal stages explain most of the gap"
         if abs(staged - meas["median"]) < abs(formula - meas["median"]) / 2
-        else "the rest is waiting on gloo messages and on the shared cores"
+        else "most of the gap is waiting on gloo messages and on the shared cores"
     )
     return (
         f"{text}: this run did not show the formula; replayed with each rank's measured "
         f"forward and backward times the schedule idles {staged:.2f}: {why}",
         False,
     )
+
+
+def split_label(split: dict) -> str:
+    """ "equal layers (embedding + 2 layers | 2 layers + head: 31 | 92 ms)" for a claim."""
+    names, costs = " | ".join(split["stage_names"]), split["stage_cost_ms"]
+    return f"{names}: {' | '.join(f'{c:.0f}' for c in costs)} ms per micro-batch"
 
 
 def distributed_claims(r: dict) -> dict:
@@ -1735,22 +1867,23 @@ def distributed_claims(r: dict) -> dict:
         tp_err <= 1e-5 and rel <= 1e-6,
     )
     p = r["pipeline"]
-    p_err = max(p[s]["grad_max_err"] for s in ("gpipe", "1f1b"))
+    p_err = max(p[sp][s]["grad_max_err"] for sp in ("equal", "balanced") for s in ("gpipe", "1f1b"))
     claims["pipeline_equal"] = claim(
-        f"GPipe and 1F1B gradients equal one process's to {p_err:.1e}", p_err <= 1e-5
+        f"GPipe and 1F1B gradients, on both splits of the model, equal one process's to "
+        f"{p_err:.1e}",
+        p_err <= 1e-5,
     )
-    slots_ok = all(
-        math.isclose(p[s]["idle_fraction_slots"], p["bubble_formula"]) for s in ("gpipe", "1f1b")
-    )
+    slots = {s: p["slots"][s]["idle_fraction"] for s in ("gpipe", "1f1b")}
     claims["bubble_in_slots"] = claim(
-        f"in unit time slots both schedules idle {p['gpipe']['idle_fraction_slots']:.4f} and "
-        f"{p['1f1b']['idle_fraction_slots']:.4f} of the time: (p-1)/(m+p-1) = "
-        f"{p['bubble_formula']:.4f}",
-        slots_ok,
+        f"in unit time slots both schedules idle {slots['gpipe']:.4f} and {slots['1f1b']:.4f} of "
+        f"the time: (p-1)/(m+p-1) = {p['bubble_formula']:.4f}",
+        all(math.isclose(v, p["bubble_formula"]) for v in slots.values()),
     )
-    for name in ("gpipe", "1f1b"):
-        text, held = idle_sentence(p, name)
-        claims[f"bubble_measured_{name}"] = claim(text, held)
+    for split, what in (("equal", "equal layers"), ("balanced", "balanced by measured time")):
+        for name in ("gpipe", "1f1b"):
+            label = f"{what} ({split_label(p[split])})"
+            text, held = idle_sentence(p[split], name, p["bubble_formula"], label)
+            claims[f"bubble_measured_{split}_{name}"] = claim(text, held)
     zp = r["zero_paper_check"]
     claims["zero_paper_numbers"] = claim(
         "formula (3) gives the ZeRO paper's 7.5B-on-64-GPUs figures: "
@@ -1769,54 +1902,66 @@ KIND_COLOURS = {"F": "tab:blue", "B": "tab:orange"}
 
 
 def timeline_title(p: dict) -> str:
-    """The Gantt figure's message, from the measured and the slot idle fractions."""
-    g, o = p["gpipe"]["idle_fraction_measured"], p["1f1b"]["idle_fraction_measured"]
+    """The Gantt figure's message, from the slot and the measured idle fractions of each split."""
+
+    def idle(split: dict) -> str:
+        g, o = (split[s]["idle_fraction_measured"]["median"] for s in ("gpipe", "1f1b"))
+        costs = split["stage_cost_ms"]
+        ratio = max(costs) / min(costs)
+        return f"(slowest stage {ratio:.1f}x the fastest) GPipe {g:.2f}, 1F1B {o:.2f}"
+
     return (
         f"Pipeline over {p['n_stages']} ranks, {p['n_micro']} micro-batches: the bubble formula "
-        f"(p-1)/(m+p-1) = {p['bubble_formula']:.2f}, unit slots "
-        f"{p['gpipe']['idle_fraction_slots']:.2f} and {p['1f1b']['idle_fraction_slots']:.2f};\n"
-        f"measured idle GPipe {g['median']:.2f}, 1F1B {o['median']:.2f} (gloo on shared CPU cores)"
+        f"(p-1)/(m+p-1) = {p['bubble_formula']:.2f} assumes equal stages (unit slots: "
+        f"{p['slots']['gpipe']['idle_fraction']:.2f}). Measured idle (gloo, shared CPU cores):\n"
+        f"equal layers per stage {idle(p['equal'])};\nbalanced by measured time "
+        f"{idle(p['balanced'])}"
     )
 
 
 def plot_pipeline_timeline(p: dict, title: str) -> plt.Figure:
-    """Each rank's forwards (blue) and backwards (orange) per micro-batch: top, the schedules in
-    unit time slots; bottom, the measured event times of one run (the median round)."""
-    fig, axes = plt.subplots(2, 2, figsize=(13, 6.5))
+    """Each rank's forwards (blue) and backwards (orange) per micro-batch, one column per
+    schedule: top, the schedule in unit time slots; then the measured event times of one run
+    (the median round) with equal layers per stage, and with stages balanced by measured time,
+    on one time axis so the two splits compare."""
+    fig, axes = plt.subplots(3, 2, figsize=(13, 9))
+    rows = (
+        ("schedule in unit slots (F = B = 1)", lambda name: p["slots"][name]["slots"], 1),
+        ("measured, equal layers", lambda name: p["equal"][name]["events"], 1e3),
+        ("measured, balanced by time", lambda name: p["balanced"][name]["events"], 1e3),
+    )
+    span = 1e3 * max(e[3] for sp in ("equal", "balanced") for s in ("gpipe", "1f1b")
+                     for ev in p[sp][s]["events"] for e in ev)  # fmt: skip
     for col, name in enumerate(("gpipe", "1f1b")):
-        for row, (key, scale, unit) in enumerate(
-            (("slots", 1, "time slot"), ("events", 1e3, "ms"))
-        ):
-            ax = axes[row][col]
-            for rank, events in enumerate(p[name][key]):
+        for row, (what, get, scale) in enumerate(rows):
+            ax, per_rank = axes[row][col], get(name)
+            width = max(e[3] for ev in per_rank for e in ev) * scale if row == 0 else span
+            for rank, events in enumerate(per_rank):
                 for kind, i, start, end in events:
-                    ax.barh(
-                        rank,
-                        (end - start) * scale,
-                        left=start * scale,
-                        height=0.6,
-                        color=KIND_COLOURS[kind],
-                        edgecolor="white",
-                    )
-                    if row == 0 or (end - start) * scale > 0:
-                        ax.text(
-                            (start + end) / 2 * scale,
-                            rank,
-                            str(i),
-                            ha="center",
-                            va="center",
-                            fontsize=7,
-                            color="white",
-                        )
-            ax.set_yticks(range(len(p[name][key])), [f"rank {r}" for r in range(len(p[name][key]))])
+                    ax.barh(rank, (end - start) * scale, left=start * scale, height=0.6,
+                            color=KIND_COLOURS[kind], edgecolor="white")  # fmt: skip
+                    if (end - start) * scale > 0.02 * width:  # a number only where it fits
+                        ax.text((start + end) / 2 * scale, rank, str(i), ha="center",
+                                va="center", fontsize=7, color="white")  # fmt: skip
+            split = None if row == 0 else p["equal" if row == 1 else "balanced"]
+            names = [f"rank {r}" for r in range(len(per_rank))]
+            if split is not None:
+                names = [f"{n}\n{s}" for n, s in zip(names, split["stage_names"], strict=True)]
+            ax.set_yticks(range(len(per_rank)), names, fontsize=8)
             ax.invert_yaxis()
-            ax.set_xlabel(unit if row == 0 else "time since the barrier (ms)")
-            kind = "schedule in unit slots (F = B = 1)" if row == 0 else "measured, one run"
-            ax.set_title(f"{STRATEGY_LABELS[name]}: {kind}", fontsize=10)
+            if row == 0:
+                ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+                ax.set_xlabel("time slot")
+            else:
+                ax.set_xlim(0, span * 1.02)
+                ax.set_xlabel("time since the barrier (ms)")
+            idle = (p["slots"][name]["idle_fraction"] if row == 0
+                    else split[name]["idle_fraction_measured"]["median"])  # fmt: skip
+            ax.set_title(f"{STRATEGY_LABELS[name]}, {what}: idle {idle:.2f}", fontsize=10)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in KIND_COLOURS.values()]
     fig.legend(handles, ["forward (micro-batch no.)", "backward"], loc="lower center", ncol=2)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     return fig
 
 
@@ -2040,13 +2185,15 @@ def print_strategies(r: dict) -> None:
             f"{v['grad_max_err']:.1e}; vs DTensor {v['dtensor_y_max_err']:.1e}"
         )
     p = r["pipeline"]
-    for s in ("gpipe", "1f1b"):
-        print(
-            f"  {STRATEGY_LABELS[s]}: grads max err {p[s]['grad_max_err']:.1e}; idle measured "
-            f"{p[s]['idle_fraction_measured']['median']:.2f}, slots "
-            f"{p[s]['idle_fraction_slots']:.2f}"
-            f", formula {p['bubble_formula']:.2f}"
-        )
+    for split in ("equal", "balanced"):
+        sp = p[split]
+        print(f"  pipeline, {split} split ({' | '.join(sp['stage_names'])}):")
+        for s in ("gpipe", "1f1b"):
+            print(
+                f"    {STRATEGY_LABELS[s]}: grads max err {sp[s]['grad_max_err']:.1e}; idle "
+                f"measured {sp[s]['idle_fraction_measured']['median']:.2f}, slots "
+                f"{p['slots'][s]['idle_fraction']:.2f}, formula {p['bubble_formula']:.2f}"
+            )
 
 
 def print_extrapolation(ext: dict) -> None:

@@ -125,19 +125,26 @@ def test_tensor_parallel_equals_full_layer_and_dtensor(quick):
 def test_pipeline_gradients_equal_one_process_and_bubble_in_slots(quick):
     p = quick["pipeline"]
     for name in ("gpipe", "1f1b"):
-        assert p[name]["grad_max_err"] <= 1e-5
-        assert p[name]["idle_fraction_slots"] == pytest.approx(p["bubble_formula"], abs=1e-12)
-        assert 0 <= p[name]["idle_fraction_measured"]["min"] <= 1
-        ranks = p[name]["events"]
-        assert len(ranks) == p["n_stages"]
-        for events in ranks:  # each rank's computations in order, none overlapping
-            assert len(events) == 2 * p["n_micro"]
-            assert all(a[3] <= b[2] + 1e-9 for a, b in zip(events, events[1:], strict=False))
-    assert p["gpipe"]["loss"] == pytest.approx(p["1f1b"]["loss"], abs=1e-6)
-    for sent, formula in zip(
-        p["gpipe"]["bytes_per_step_per_rank"], p["bytes_formula_per_rank"], strict=True
-    ):
-        assert sent == formula
+        assert p["slots"][name]["idle_fraction"] == pytest.approx(p["bubble_formula"], abs=1e-12)
+    n_units = len(p["unit_ms"])
+    for split in ("equal", "balanced"):
+        stages = p[split]["stages"]
+        assert sum(stages, []) == list(range(n_units))  # every unit once, in order
+        for name in ("gpipe", "1f1b"):
+            run = p[split][name]
+            assert run["grad_max_err"] <= 1e-5
+            assert 0 <= run["idle_fraction_measured"]["min"] <= 1
+            assert len(run["events"]) == p["n_stages"]
+            for events in run["events"]:  # each rank's computations in order, none overlapping
+                assert len(events) == 2 * p["n_micro"]
+                assert all(a[3] <= b[2] + 1e-9 for a, b in zip(events, events[1:], strict=False))
+            for sent, formula in zip(
+                run["bytes_per_step_per_rank"], p["bytes_formula_per_rank"], strict=True
+            ):
+                assert sent == formula
+        assert p[split]["gpipe"]["loss"] == pytest.approx(p[split]["1f1b"]["loss"], abs=1e-6)
+    # the balanced split is never worse than the equal one on the costs it was cut by
+    assert max(p["balanced"]["stage_cost_ms"]) <= max(p["equal"]["stage_cost_ms"])
 
 
 def test_quick_run_writes_figures_results_and_claims(run_main):
@@ -203,8 +210,8 @@ def test_launcher_ring_on_3_ranks_with_uneven_chunks():
 
 def test_launcher_reports_a_failing_worker_and_kills_the_rest():
     start = time.monotonic()
-    with pytest.raises(RuntimeError, match="rank 1"):
-        launch_workers(_fails_on_rank_1, (), 2, timeout_s=30)
+    with pytest.raises(RuntimeError, match="^a worker failed: rank 1 raised ValueError: rank 1"):
+        launch_workers(_fails_on_rank_1, (), 2, timeout_s=30)  # the cause first, not rank 0's
     assert time.monotonic() - start < 20  # not the collective timeout
     assert not mp.active_children()
 
@@ -329,20 +336,19 @@ def test_comm_formula_ratios():
 
 
 def test_idle_sentence_says_when_the_run_did_not_show_the_bubble():
-    p = {
-        "bubble_formula": 0.2,
+    split = {
         "gpipe": {
             "idle_fraction_measured": {"median": 0.6, "min": 0.55, "max": 0.7},
             "idle_fraction_stage_times": 0.55,
         },
     }
-    text, held = idle_sentence(p, "gpipe")
-    assert not held and "did not show" in text and "0.60" in text
+    text, held = idle_sentence(split, "gpipe", 0.2, "equal layers")
+    assert not held and "did not show" in text and "0.60" in text and "equal layers" in text
     assert "unequal stages" in text  # 0.55 is near 0.60: imbalance, not messages
-    p["gpipe"]["idle_fraction_stage_times"] = 0.25
-    assert "waiting on gloo" in idle_sentence(p, "gpipe")[0]
-    p["gpipe"]["idle_fraction_measured"] = {"median": 0.21, "min": 0.18, "max": 0.25}
-    text, held = idle_sentence(p, "gpipe")
+    split["gpipe"]["idle_fraction_stage_times"] = 0.25
+    assert "waiting on gloo" in idle_sentence(split, "gpipe", 0.2, "x")[0]
+    split["gpipe"]["idle_fraction_measured"] = {"median": 0.21, "min": 0.18, "max": 0.25}
+    text, held = idle_sentence(split, "gpipe", 0.2, "x")
     assert held and "within" in text
 
 
@@ -354,15 +360,50 @@ def test_zero3_phrase_handles_one_rank():
 
 
 def test_timeline_title_reports_the_measured_numbers():
+    def split(g, o, costs):
+        return {
+            "stage_cost_ms": costs,
+            "gpipe": {"idle_fraction_measured": {"median": g}},
+            "1f1b": {"idle_fraction_measured": {"median": o}},
+        }
+
     p = {
         "n_stages": 2,
         "n_micro": 4,
         "bubble_formula": 0.2,
-        "gpipe": {"idle_fraction_slots": 0.2, "idle_fraction_measured": {"median": 0.61}},
-        "1f1b": {"idle_fraction_slots": 0.2, "idle_fraction_measured": {"median": 0.33}},
+        "slots": {"gpipe": {"idle_fraction": 0.2}},
+        "equal": split(0.61, 0.33, [10, 30]),
+        "balanced": split(0.27, 0.24, [20, 21]),
     }
     title = dt.timeline_title(p)
-    assert "0.61" in title and "0.33" in title and "0.20" in title
+    for number in ("0.61", "0.33", "0.20", "0.27", "0.24", "3.0x"):
+        assert number in title
+
+
+def test_pipeline_splits():
+    assert dt.equal_layer_stages(4, 2) == [[0, 1, 2], [3, 4, 5]]
+    assert dt.equal_layer_stages(4, 1) == [[0, 1, 2, 3, 4, 5]]
+    assert dt.equal_layer_stages(8, 4) == [[0, 1, 2], [3, 4], [5, 6], [7, 8, 9]]
+    assert dt.stage_name([0, 1, 2], 6) == "embedding + 2 layers"
+    assert dt.stage_name([3, 4, 5], 6) == "2 layers + head"
+    assert dt.stage_name([5], 6) == "head"
+    assert dt.balanced_stages([0.1, 1, 1, 1, 1, 4], 2) == [[0, 1, 2, 3, 4], [5]]
+    assert dt.balanced_stages([1, 1, 1, 1], 4) == [[0], [1], [2], [3]]
+    with pytest.raises(ValueError, match="n_stages"):
+        dt.balanced_stages([1, 2], 3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(0, 10), min_size=1, max_size=8), st.integers(1, 8))
+def test_balanced_stages_are_contiguous_and_no_worse_than_any_equal_cut(costs, p):
+    """Contiguous, non-empty, every unit once; no stage costs more than the costliest stage of
+    cutting into equal unit counts (one of the cuts it tried)."""
+    p = min(p, len(costs))
+    stages = dt.balanced_stages(costs, p)
+    assert len(stages) == p and all(stages) and sum(stages, []) == list(range(len(costs)))
+    bounds = [round(k * len(costs) / p) for k in range(p + 1)]
+    equal = max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:], strict=False))
+    assert max(sum(costs[i] for i in s) for s in stages) <= equal + 1e-9
 
 
 # ----------------------------------------------------------------------------- bad input
