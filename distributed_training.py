@@ -1196,6 +1196,7 @@ def check_zero(comm, cfg, sizes, seed, device, mesh, batches, reference, dtype) 
             "memory": held,
             "memory_formula": memory_formula(f"zero{stage}", psi_pad, comm.world_size),
             "psi_padded": psi_pad,
+            "psi_last_padded": last,  # the norm and head, gathered once by ZeRO-3
             "step_s": times,
         }
     fsdp = fsdp2_train(seeded_llama(cfg, seed, device, dtype), batches, STEP_ADAMW, mesh)
@@ -1345,7 +1346,7 @@ def unit_seconds(units: list, ids, targets, comm: RingComm, rounds: int = 3) -> 
             seconds[u] += time.perf_counter() - start
         per_round.append(seconds)
     medians = [statistics.median(s) for s in zip(*per_round, strict=True)]
-    costs = torch.tensor(medians, dtype=torch.float64)
+    costs = torch.tensor(medians, dtype=torch.float64, device=ids.device)  # NCCL: on the GPU
     return (ring_all_reduce(costs, comm, "pp_costs") / comm.world_size).tolist()
 
 
@@ -1531,7 +1532,7 @@ def summarize(per_rank: list, sizes: dict, seed: int) -> dict:
             for k in r0["zero"][stage]
             if "max_err" in k
         }
-        for k in ("bytes_formula", "memory_formula", "psi_padded"):
+        for k in ("bytes_formula", "memory_formula", "psi_padded", "psi_last_padded"):
             if k in r0["zero"][stage]:
                 z[k] = r0["zero"][stage][k]
         if "bytes_per_step" in r0["zero"][stage]:
@@ -1642,7 +1643,7 @@ STRATEGY_LABELS = {
     "zero2": "ZeRO-2 (+ gradients)",
     "zero3": "ZeRO-3 (+ parameters)",
     "fsdp2": "FSDP2 fully_shard",
-    "pipeline": "pipeline stage",
+    "pipeline": "pipeline stage 0 (equal layers)",
     "tensor_parallel": "tensor parallel layer",
     "gpipe": "GPipe",
     "1f1b": "1F1B",
@@ -1851,10 +1852,12 @@ def distributed_claims(r: dict) -> dict:
         mem["all_equal_formula"],
     )
     com = r["communication"]
+    head_share = r["zero"]["zero3"]["psi_last_padded"] / r["zero"]["zero3"]["psi_padded"]
     claims["communication_equals_formula"] = claim(
         "bytes sent per step "
         + ("equal" if com["all_equal_formula"] else "do NOT all equal")
-        + f" formulas (1), (4); {zero3_phrase(com)} (3/2 if no unit were gathered once)",
+        + f" formulas (1), (4); {zero3_phrase(com)}: 3/2 less the head's forward gather, "
+        f"3/2 - Psi_head / (2 Psi) with the norm and head {head_share:.0%} of the parameters",
         com["all_equal_formula"],
     )
     tp = r["tensor_parallel"]

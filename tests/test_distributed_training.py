@@ -107,6 +107,11 @@ def test_communication_measured_equals_formula(quick):
     assert com["all_equal_formula"]
     assert com["zero1"]["measured"] == com["zero2"]["measured"] == com["ddp"]["measured"]
     assert 1 < com["zero3"]["measured"] / com["ddp"]["measured"] <= 1.5
+    # 3/2 of DDP less the head's forward gather: (3 Psi - Psi_head) / (2 Psi)
+    z3 = quick["zero"]["zero3"]
+    share = z3["psi_last_padded"] / z3["psi_padded"]
+    ratio = com["zero3"]["measured"] / com["ddp"]["measured"]
+    assert ratio == pytest.approx(1.5 - share / 2, rel=1e-3)
 
 
 def test_tensor_parallel_equals_full_layer_and_dtensor(quick):
