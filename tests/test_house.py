@@ -35,6 +35,7 @@ SCRIPTS = [
     "flash_attention",
     "tokenization",
     "training",
+    "evaluation",
     "quantization",
 ]
 SHARED_FLAGS = ["--quick", "--out", "--no-show", "--device", "--seed"]
@@ -47,6 +48,7 @@ HEADLINE = {
     "flash_attention": "flash_attention_forward",
     "tokenization": "BPETokenizer",
     "training": "Llama",
+    "evaluation": "perplexity",
     "quantization": "QuantizedLinear",
 }
 SECTIONS = ["Core", "Baselines and apparatus", "Experiments", "Figures", "Main", "Plumbing"]
