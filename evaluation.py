@@ -348,42 +348,49 @@ def tokenize_13a(line: str) -> list[str]:
     return line.split()
 
 
-def corpus_bleu(hypotheses: list[str], references: list[str], max_order: int = 4) -> dict:
-    """(6) Corpus BLEU (0-100) with one reference per hypothesis, as sacrebleu's defaults:
-    13a tokens, n-gram counts clipped by the reference's and summed over the corpus, brevity
-    penalty on the summed lengths, and "exp" smoothing (an order with no match counts as
-    1 / (2^k total), k the number of such orders so far)."""
+def bleu_stats(hypotheses: list[str], references: list[str], max_order: int = 4):
+    """BLEU's sufficient statistics per pair, (pairs, 2 max_order + 2) int64: clipped n-gram
+    matches and hypothesis n-grams for n = 1..max_order, then both lengths in 13a tokens."""
     if len(hypotheses) != len(references):
         raise ValueError(
             f"references ({len(references)}) and hypotheses ({len(hypotheses)}) must pair up"
         )
-    match, total, hyp_len, ref_len = [0] * max_order, [0] * max_order, 0, 0
+    rows = []
     for hyp, ref in zip(hypotheses, references, strict=True):
         h, r = tokenize_13a(hyp), tokenize_13a(ref)
-        hyp_len, ref_len = hyp_len + len(h), ref_len + len(r)
+        match, total = [], []
         for n in range(1, max_order + 1):
             hc = collections.Counter(tuple(h[i : i + n]) for i in range(len(h) - n + 1))
             rc = collections.Counter(tuple(r[i : i + n]) for i in range(len(r) - n + 1))
-            match[n - 1] += sum(min(c, rc[g]) for g, c in hc.items())  # clipped counts
-            total[n - 1] += sum(hc.values())
-    bp = 1.0 if hyp_len >= ref_len else (math.exp(1 - ref_len / hyp_len) if hyp_len else 0.0)
-    precisions, smooth = [], 1.0
+            match.append(sum(min(c, rc[g]) for g, c in hc.items()))  # clipped counts
+            total.append(sum(hc.values()))
+        rows.append([*match, *total, len(h), len(r)])
+    return torch.tensor(rows, dtype=torch.int64).view(-1, 2 * max_order + 2)
+
+
+def bleu_from_stats(stats: torch.Tensor) -> float:
+    """(6) BLEU (0-100) from statistics summed over the corpus, as sacrebleu: brevity penalty
+    on the summed lengths, "exp" smoothing (an order with no match counts 1 / (2^k total), k
+    the number of such orders so far), 0 when nothing matches."""
+    max_order = (len(stats) - 2) // 2
+    match, total = stats[:max_order].tolist(), stats[max_order : 2 * max_order].tolist()
+    hyp_len, ref_len = int(stats[-2]), int(stats[-1])
+    if not any(match) or 0 in total:
+        return 0.0
+    bp = 1.0 if hyp_len >= ref_len else math.exp(1 - ref_len / hyp_len)
+    log_p, smooth = 0.0, 1.0
     for m, t in zip(match, total, strict=True):
-        if t == 0 or not any(match):
-            precisions.append(0.0)
-            continue
         if m == 0:
             smooth *= 2
-        precisions.append(100.0 * (m if m else 1 / smooth) / t)
-    logs = [math.log(p) if p > 0 else -math.inf for p in precisions]
-    score = bp * math.exp(sum(logs) / max_order) if all(p > 0 for p in precisions) else 0.0
-    return {
-        "score": score,
-        "precisions": precisions,
-        "bp": bp,
-        "hyp_len": hyp_len,
-        "ref_len": ref_len,
-    }
+        log_p += math.log(100.0 * (m if m else 1 / smooth) / t)
+    return bp * math.exp(log_p / max_order)  # (6)
+
+
+def corpus_bleu(hypotheses: list[str], references: list[str]) -> dict:
+    """(6) Corpus BLEU with one reference per hypothesis, sacrebleu's defaults: 13a tokens,
+    n-grams up to 4 clipped by the reference's, counts summed over the corpus first."""
+    stats = bleu_stats(hypotheses, references).sum(0)
+    return {"score": bleu_from_stats(stats), "hyp_len": int(stats[-2]), "ref_len": int(stats[-1])}
 
 
 def rouge_tokens(text: str) -> list[str]:
@@ -518,6 +525,23 @@ class NgramLM(nn.Module):
         if self.order == 1:
             return self.table.expand(*ids.shape, -1)  # (batch, seq_len, vocab)
         return self.table[ids]  # (batch, seq_len, vocab)
+
+
+def fast_tokenizer(path: Path = training.TOKENIZER_FILE):
+    """A transformers fast tokenizer from our tiktoken ranks file, for lm-evaluation-harness:
+    ``TikTokenConverter`` rebuilds BPE merges from the ranks (each token splits into the two
+    lower-ranked tokens that make it), with our GPT-4 split pattern and ``<|endoftext|>`` as
+    its EOS, which lm-eval's empty-context prefix falls back to (it has no BOS). Tested to
+    encode the texts used here exactly as ``BPETokenizer`` does. Needs transformers."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from tokenization import GPT4_PATTERN
+
+    conv = TikTokenConverter(
+        vocab_file=str(path), pattern=GPT4_PATTERN, extra_special_tokens=[ENDOFTEXT]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=conv.converted(), eos_token=ENDOFTEXT)
 
 
 def untrained_like(model: training.Llama, seed: int) -> training.Llama:
@@ -665,14 +689,20 @@ def hf_guide_perplexity(hf_model, ids: torch.Tensor, window: int, stride: int, a
     return math.exp(nll_sum / n_tokens)
 
 
-def check_references(model, ids: torch.Tensor, window: int, stride: int, generated: dict) -> dict:
-    """Ours vs the references on the same inputs: perplexity vs the guide's loop on
-    transformers' LlamaForCausalLM holding our weights; corpus BLEU vs sacrebleu; ROUGE-L vs
-    rouge-score (every pair); each as an absolute error (imported here: dev dependencies)."""
+def check_references(
+    model, tok, ids: torch.Tensor, generated: dict, requests: list, slow: bool
+) -> dict:
+    """Ours vs the references on the same inputs: perplexity (window = the model's context,
+    stride half of it) vs the guide's loop on transformers' LlamaForCausalLM holding our
+    weights; corpus BLEU vs sacrebleu; ROUGE-L vs rouge-score (every pair); log-likelihoods of
+    ``requests`` vs lm-evaluation-harness. Each as an absolute error. The references are dev
+    dependencies, imported here; ``slow`` False (--quick) leaves out the two slow imports
+    (rouge-score pulls nltk, lm-eval scikit-learn), which tests/test_evaluation.py checks."""
     out: dict = {}
+    window, stride = model.config.max_seq_len, model.config.max_seq_len // 2
     try:
         hf = training.to_hf_llama(model.config)
-        hf.load_state_dict(model.state_dict(), strict=False)
+        hf.load_state_dict(model.state_dict(), strict=True)
         ours = perplexity(model, ids, window, stride)["perplexity"]
         ref = hf_guide_perplexity(hf, ids, window, stride)
         written = hf_guide_perplexity(hf, ids, window, stride, as_written=True)
@@ -693,6 +723,9 @@ def check_references(model, ids: torch.Tensor, window: int, stride: int, generat
         out["bleu"] = {"ours": ours, "sacrebleu": ref, "abs_err": abs(ours - ref)}
     except ImportError:
         out["bleu"] = "sacrebleu not installed: not checked"
+    if not slow:
+        out["rouge_l"] = out["lm_eval"] = "not run under --quick (slow import): see the tests"
+        return out
     try:
         from rouge_score import rouge_scorer
 
@@ -704,7 +737,36 @@ def check_references(model, ids: torch.Tensor, window: int, stride: int, generat
         out["rouge_l"] = {"pairs": len(errs), "max_abs_err": max(errs)}
     except ImportError:
         out["rouge_l"] = "rouge-score not installed: not checked"
+    out["lm_eval"] = check_lm_eval(model, tok, requests)
     return out
+
+
+def check_lm_eval(model: training.Llama, tok, requests: list[tuple[str, str]]) -> dict:
+    """Our ``loglikelihood`` vs lm-evaluation-harness's ``HFLM.loglikelihood`` on the same
+    (context, continuation) strings: a transformers LlamaForCausalLM holding our weights and the
+    fast tokenizer built from our ranks, run offline (imported here: slow, a dev dependency)."""
+    try:
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+        from lm_eval.api.instance import Instance
+        from lm_eval.models.huggingface import HFLM
+
+        hf = training.to_hf_llama(model.config)
+    except ImportError:
+        return {"skipped": "lm-eval or transformers not installed: not checked"}
+    hf.load_state_dict(model.state_dict(), strict=True)
+    lm = HFLM(pretrained=hf, tokenizer=fast_tokenizer(), batch_size=16)
+    insts = [Instance("loglikelihood", {}, r, i) for i, r in enumerate(requests)]
+    theirs = lm.loglikelihood(insts, disable_tqdm=True)
+    pairs = [encode_pair(tok, c, k) for c, k in requests]
+    ours = loglikelihood_tokens(model, pairs, model.config.max_seq_len)
+    errs = [abs(a[0] - b[0]) for a, b in zip(ours, theirs, strict=True)]
+    same = sum(a[1] == b[1] for a, b in zip(ours, theirs, strict=True))
+    return {
+        "requests": len(requests),
+        "max_abs_err": max(errs),
+        "is_greedy_agree": same,
+        "greedy_true": sum(b[1] for b in theirs),
+    }
 
 
 PASS_AT_K_CASES = [(n, c, k) for n, c in ((20, 0), (20, 3), (20, 19), (200, 7)) for k in (1, 5, 10)]
@@ -760,7 +822,18 @@ def evaluate_model(model: nn.Module, data: dict, tasks: dict, sizes: dict, seed:
     c = correct.sum(1).tolist()
     pass_k = {f"pass@{k}": sum(pass_at_k(n, ci, k) for ci in c) / len(c) for k in sizes["ks"]}
     calib = expected_calibration_error(scores["confidence"], scores["correct"], sizes["bins"])
+    win = scores["window"]
+    chars = torch.tensor([[len(c) for c in q["choices"]] for q in questions])
+    rouge = [rouge_l(r, h)["fmeasure"] for h, r in zip(hyps, refs, strict=True)]
     return {
+        "items": {  # per window, per prompt: what the bootstrap resamples
+            "window_loss": torch.zeros(ppl["windows"], dtype=torch.float64).index_add_(
+                0, win, scores["loss"]
+            ),
+            "window_tokens": torch.bincount(win, minlength=ppl["windows"]).double(),
+            "bleu_stats": bleu_stats(hyps, refs),
+            "rouge_l": torch.tensor(rouge, dtype=torch.float64),
+        },
         "row": {
             "perplexity": ppl["perplexity"],
             "window_averaged": ppl["window_averaged"],
@@ -768,8 +841,8 @@ def evaluate_model(model: nn.Module, data: dict, tasks: dict, sizes: dict, seed:
             "bits_per_byte": training.bits_per_byte(ppl["loss"], scored, data["token_bytes"]),
             "tokens": ppl["tokens"],
             "bleu": corpus_bleu(hyps, refs)["score"],
-            "rouge_l": sum(rouge_l(r, h)["fmeasure"] for h, r in zip(hyps, refs, strict=True))
-            / len(hyps),
+            "rouge_l": sum(rouge) / len(rouge),
+            "acc_picks_shortest": (lls.argmax(1) == chars.argmin(1)).double().mean().item(),
             "ece": calib["ece"],
             "top1_accuracy": scores["correct"].double().mean().item(),
             "correct_per_prompt": c,
@@ -783,30 +856,82 @@ def evaluate_model(model: nn.Module, data: dict, tasks: dict, sizes: dict, seed:
 
 MODELS = ("trained", "untrained", "unigram", "bigram")
 PAIRS = (("trained", "untrained"), ("trained", "bigram"), ("trained", "unigram"))
+HIGHER_IS_BETTER = {"acc": True, "acc_norm": True, "loss": False, "bleu": True, "rouge_l": True}
+
+
+def bootstrap_statistic(stat, n: int, n_boot: int, seed: int) -> dict:
+    """The percentile 95% interval of a statistic of n items over ``n_boot`` resamples (the
+    same resampled indices as ``bootstrap_interval`` for the same seed, so every model and
+    every metric sees the same resamples). ``stat`` maps indices (resamples, n) to
+    (resamples,) values; ``value`` is the statistic of all the items."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(n, (n_boot, n), generator=gen)
+    values = stat(idx).double()
+    lo, hi = torch.quantile(values, torch.tensor([0.025, 0.975]).double())
+    return {"value": stat(torch.arange(n)[None]).item(), "low": lo.item(), "high": hi.item()}
+
+
+def _metric_stats(items: dict) -> dict:
+    """metric -> stat(idx) for ``bootstrap_statistic``: loss per token over resampled windows
+    (windows, not tokens, are resampled: neighbouring tokens are not independent), corpus
+    BLEU and mean ROUGE-L over resampled prompts."""
+    loss, count = items["window_loss"], items["window_tokens"]
+    stats = items["bleu_stats"]
+    return {
+        "loss": lambda idx: loss[idx].sum(1) / count[idx].sum(1),
+        "bleu": lambda idx: torch.tensor([bleu_from_stats(stats[i].sum(0)) for i in idx]),
+        "rouge_l": lambda idx: items["rouge_l"][idx].mean(1),
+    }
 
 
 def report_card(evaluated: dict, n_boot: int, seed: int) -> dict:
-    """Each model's row with 95% bootstrap intervals on acc and acc_norm (the same resampled
-    questions for every model, so the intervals are comparable)."""
+    """Each model's row with 95% bootstrap intervals: acc, acc_norm and acc_bytes over
+    questions; perplexity over windows; BLEU and ROUGE-L over prompts."""
     card = {}
     for name, ev in evaluated.items():
         row = {k: v for k, v in ev["row"].items() if k != "correct_per_prompt"}
         for metric in ("acc", "acc_norm", "acc_bytes"):
             row[metric] = bootstrap_interval(ev["answers"][metric], n_boot, seed)
+        intervals = {
+            m: bootstrap_statistic(f, len(ev["items"][k]), n_boot, seed)
+            for (m, f), k in zip(
+                _metric_stats(ev["items"]).items(),
+                ("window_loss", "bleu_stats", "rouge_l"),
+                strict=True,
+            )
+        }
+        loss = intervals.pop("loss")
+        row["perplexity_interval"] = [math.exp(loss["low"]), math.exp(loss["high"])]
+        row["bleu_interval"] = [intervals["bleu"]["low"], intervals["bleu"]["high"]]
+        row["rouge_l_interval"] = [intervals["rouge_l"]["low"], intervals["rouge_l"]["high"]]
         card[name] = row
     return card
 
 
 def compare_models(evaluated: dict, n_boot: int, seed: int) -> dict:
-    """Paired bootstrap of acc and acc_norm differences (same questions, resampled together),
-    and whether each difference is inside the noise (its 95% interval holds 0)."""
+    """Paired bootstraps of a - b for each pair of models and metric: acc and acc_norm over
+    questions, loss per token over windows (the same windows for both), BLEU and ROUGE-L over
+    prompts; a difference is inside the noise when its 95% interval holds 0."""
     out = {}
     for a, b in PAIRS:
+        ea, eb = evaluated[a], evaluated[b]
         for metric in ("acc", "acc_norm"):
-            d = paired_bootstrap(
-                evaluated[a]["answers"][metric], evaluated[b]["answers"][metric], n_boot, seed
+            d = paired_bootstrap(ea["answers"][metric], eb["answers"][metric], n_boot, seed)
+            out[f"{a}_minus_{b}_{metric}"] = {"a": a, "b": b, "metric": metric, **d}
+        fa, fb = _metric_stats(ea["items"]), _metric_stats(eb["items"])
+        for metric, key in (
+            ("loss", "window_loss"),
+            ("bleu", "bleu_stats"),
+            ("rouge_l", "rouge_l"),
+        ):
+            d = bootstrap_statistic(
+                lambda idx, m=metric, fa=fa, fb=fb: fa[m](idx) - fb[m](idx),
+                len(ea["items"][key]),
+                n_boot,
+                seed,
             )
-            out[f"{a}_minus_{b}_{metric}"] = d
+            d = {"mean": d.pop("value"), **d, "inside_noise": d["low"] <= 0 <= d["high"]}
+            out[f"{a}_minus_{b}_{metric}"] = {"a": a, "b": b, "metric": metric, **d}
     return out
 
 
@@ -836,16 +961,24 @@ def position_losses(scores: dict, window: int) -> dict:
 
 
 def stride_title(sweep: dict) -> str:
-    """The stride figure's message, from the numbers."""
+    """The stride figure's message, from the numbers: no overlap vs the best overlap."""
     rows = sweep["rows"]
-    first, last = rows[0], rows[-1]
+    none, best = rows[0], min(rows, key=lambda r: r["perplexity"])
     gap = max(abs(r["window_averaged"] / r["perplexity"] - 1) for r in rows)
-    direction = "falls" if last["perplexity"] < first["perplexity"] else "does not fall"
+    if best["perplexity"] < none["perplexity"]:
+        first = (
+            f"Token-weighted perplexity {none['perplexity']:.1f} without overlap (stride "
+            f"{none['stride']}), {best['perplexity']:.1f} at best (stride {best['stride']}): "
+            "more context per token"
+        )
+    else:
+        first = (
+            f"Token-weighted perplexity {none['perplexity']:.1f} without overlap: overlapping "
+            "windows did not lower it in this run"
+        )
     return (
-        f"Token-weighted perplexity {direction} from {first['perplexity']:.1f} (stride "
-        f"{first['stride']}) to {last['perplexity']:.1f} (stride {last['stride']}): more context "
-        f"per token;\nthe window average differs by up to {100 * gap:.1f}% (its windows weigh "
-        "the same whatever their tokens)"
+        f"{first};\nthe window average is off by up to {100 * gap:.1f}% (every window weighs "
+        "the same, whatever the number of tokens it scores)"
     )
 
 
@@ -871,6 +1004,23 @@ def accuracy_title(comparisons: dict, n_questions: int) -> str:
     )
 
 
+def difference_phrase(d: dict) -> str:
+    """'acc: trained - untrained = +2.0 points [95% paired interval -4.0, +8.0]', in the
+    metric's unit (points for accuracies, nats per token for the loss)."""
+    scale, unit = {
+        "acc": (100, " points"),
+        "acc_norm": (100, " points"),
+        "loss": (1, " nats"),
+        "bleu": (1, " BLEU"),
+        "rouge_l": (1, ""),
+    }[d["metric"]]
+    fmt = ".3f" if d["metric"] in ("loss", "rouge_l") else ".1f"
+    return (
+        f"{d['metric']}: {d['a']} - {d['b']} = {scale * d['mean']:+{fmt}}{unit} [95% paired "
+        f"interval {scale * d['low']:+{fmt}}, {scale * d['high']:+{fmt}}]"
+    )
+
+
 def evaluation_claims(results: dict) -> dict:
     """The claims, worded from the numbers."""
     claims = {}
@@ -892,6 +1042,14 @@ def evaluation_claims(results: dict) -> dict:
             f"ROUGE-L F equals rouge-score's on {ref['rouge_l']['pairs']} pairs: max abs error "
             f"{ref['rouge_l']['max_abs_err']:.1e}",
             ref["rouge_l"]["max_abs_err"] < 1e-12,
+        )
+    if isinstance(ref["lm_eval"], dict) and "max_abs_err" in ref["lm_eval"]:
+        r = ref["lm_eval"]
+        claims["loglikelihood_equals_lm_eval"] = claim(
+            f"loglikelihood equals lm-evaluation-harness's HFLM on {r['requests']} requests: "
+            f"max abs error {r['max_abs_err']:.1e} nats, is_greedy agrees on "
+            f"{r['is_greedy_agree']}",
+            r["max_abs_err"] < 1e-4 and r["is_greedy_agree"] == r["requests"],
         )
     p = results["pass_at_k_check"]
     claims["pass_at_k_unbiased"] = claim(
@@ -917,13 +1075,11 @@ def evaluation_claims(results: dict) -> dict:
         better,
     )
     for key, d in results["comparisons"].items():
-        a, b = key.split("_minus_")[0], key.split("_minus_")[1].rsplit("_acc", 1)[0]
-        metric = "acc_norm" if key.endswith("acc_norm") else "acc"
         claims[f"{key}_outside_noise"] = claim(
-            f"{metric}: {a} - {b} = {100 * d['mean']:+.1f} points, 95% paired interval "
-            f"[{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]: "
-            + ("inside the noise" if d["inside_noise"] else "outside the noise"),
-            not d["inside_noise"] and d["mean"] > 0,
+            f"{difference_phrase(d)}: "
+            + ("inside" if d["inside_noise"] else "outside")
+            + " the noise",
+            not d["inside_noise"] and (d["mean"] > 0) == HIGHER_IS_BETTER[d["metric"]],
         )
     return claims
 
@@ -967,7 +1123,11 @@ def plot_perplexity_vs_stride(sweep: dict, title: str) -> plt.Figure:
         )
     ax.set_xscale("log", base=2)
     ax.set_xticks(strides, [str(s) for s in strides])
-    ax.set_xlabel(f"stride in tokens (window {sweep['window']} tokens; smaller = more context)")
+    ax.set_xlim(max(strides) * 1.3, min(strides) / 1.3)  # left to right: more context
+    ax.set_xlabel(
+        f"stride in tokens (window {sweep['window']} tokens; to the right, more overlap and "
+        "more context per token)"
+    )
     ax.set_ylabel("perplexity on the held-out text")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -980,11 +1140,22 @@ def plot_loss_by_position(by_position: dict, flat: dict, title: str) -> plt.Figu
     """Mean loss against the number of tokens the model saw before the target; the n-gram
     scorers' losses (which ignore context beyond one token) as flat references."""
     fig, ax = plt.subplots(figsize=(9, 4.5))
+    ctx, loss, width = by_position["context"], by_position["loss"], 8
     ax.plot(
-        by_position["context"],
-        by_position["loss"],
+        ctx,
+        loss,
         color=MODEL_COLOURS["trained"],
-        label=MODEL_LABELS["trained"],
+        alpha=0.3,
+        lw=1,
+        label=f"{MODEL_LABELS['trained']}, each position ({by_position['count'][0]} windows)",
+    )
+    groups = [range(i, min(i + width, len(ctx))) for i in range(0, len(ctx), width)]
+    ax.plot(
+        [sum(ctx[i] for i in g) / len(g) for g in groups],
+        [sum(loss[i] for i in g) / len(g) for g in groups],
+        "o-",
+        color=MODEL_COLOURS["trained"],
+        label=f"the same, mean of {width} positions",
     )
     for name, loss in flat.items():
         ax.axhline(
@@ -994,7 +1165,7 @@ def plot_loss_by_position(by_position: dict, flat: dict, title: str) -> plt.Figu
             lw=1,
             label=f"{MODEL_LABELS[name]} (any position): {loss:.2f}",
         )
-    ax.set_xlabel("tokens of context before the target (position in a non-overlapping window)")
+    ax.set_xlabel("tokens of context before the target (its position in a non-overlapping window)")
     ax.set_ylabel("mean loss (nats per token)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
@@ -1004,38 +1175,50 @@ def plot_loss_by_position(by_position: dict, flat: dict, title: str) -> plt.Figu
 
 
 def plot_reliability(calibration: dict) -> plt.Figure:
+    """Per model: accuracy of the top-1 guess against its probability, bin by bin (the
+    diagonal is perfect calibration), and below it how many predictions fall in each bin."""
     names = list(calibration)
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 4.2), sharey=True)
-    for ax, name in zip(axes, names, strict=True):
-        c = calibration[name]
+    fig, axes = plt.subplots(
+        2,
+        len(names),
+        figsize=(5.5 * len(names), 6),
+        sharex=True,
+        gridspec_kw={"height_ratios": [3, 1]},
+        squeeze=False,
+    )
+    for col, name in enumerate(names):
+        c, ax, below = calibration[name], axes[0, col], axes[1, col]
         n = c["n_bins"]
-        centres = [(i + 0.5) / n for i in range(n)]
         used = [i for i in range(n) if c["count"][i] > 0]
+        centres = [(i + 0.5) / n for i in used]
         ax.bar(
-            [centres[i] for i in used],
+            centres,
             [c["accuracy"][i] for i in used],
             width=1 / n,
-            color=MODEL_COLOURS[name],
             alpha=0.7,
+            color=MODEL_COLOURS[name],
             edgecolor="black",
-            label="accuracy",
+            label="accuracy in the bin",
         )
         ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
         ax.plot(
             [c["confidence"][i] for i in used],
             [c["accuracy"][i] for i in used],
             "k.",
-            label="bin's mean confidence",
+            label="(mean confidence, accuracy)",
         )
-        ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
-        ax.set_xlabel("top-1 probability (confidence)")
         ax.set_title(f"{MODEL_LABELS[name]}: ECE {c['ece']:.3f}", fontsize=9)
         ax.legend(fontsize=7, loc="upper left")
-    axes[0].set_ylabel("fraction of top-1 guesses that are right")
+        below.bar(centres, [c["count"][i] for i in used], width=1 / n, color="grey")
+        below.set_yscale("log")
+        below.set_xlim(0, 1)
+        below.set_xlabel("top-1 probability (confidence)")
+    axes[0, 0].set_ylabel("fraction of top-1 guesses right")
+    axes[1, 0].set_ylabel("predictions (log)")
     fig.suptitle(
-        f"Reliability diagrams, {calibration[names[0]]['n_bins']} equal-width bins, "
-        "next-token predictions on the held-out text"
+        f"Reliability diagrams: {calibration[names[0]]['n_bins']} equal-width bins, every "
+        "next-token prediction on the held-out text"
     )
     fig.tight_layout()
     return fig
@@ -1133,7 +1316,7 @@ SIZES = {
         "eval_tokens": None,  # all the held-out tokens
         "stride": 64,
         "strides_per_window": [1, 2, 4, 8],
-        "questions": 120,
+        "questions": 100,
         "choices": 4,
         "prompts": 64,
         "prompt_len": 48,
@@ -1174,18 +1357,27 @@ def print_model(info: dict) -> None:
 
 def print_references(ref: dict, p: dict) -> None:
     for name, r in ref.items():
-        if not isinstance(r, dict):
-            print(f"  {name}: {r}")
-        elif "pairs" in r:
+        if not isinstance(r, dict) or "skipped" in r:
+            print(f"  {name}: {r if not isinstance(r, dict) else r['skipped']}")
+        elif name == "rouge_l":
             print(
-                f"  {name}: ours = rouge-score on {r['pairs']} pairs, max abs err "
+                f"  ROUGE-L F vs rouge-score on {r['pairs']} pairs: max abs err "
                 f"{r['max_abs_err']:.1e}"
             )
-        else:
-            other = next(k for k in r if k not in ("ours", "abs_err"))
+        elif name == "lm_eval":
             print(
-                f"  {name}: ours {r['ours']:.6f}, {other} {r[other]:.6f}, abs err "
-                f"{r['abs_err']:.1e}"
+                f"  loglikelihood vs lm-eval HFLM on {r['requests']} requests: max abs err "
+                f"{r['max_abs_err']:.1e} nats, is_greedy agrees on {r['is_greedy_agree']}"
+            )
+        else:
+            print(
+                f"  {name}: ours {r['ours']:.6f}, {list(r)[1]} {list(r.values())[1]:.6f}, "
+                f"abs err {r['abs_err']:.1e}"
+            )
+        if name == "perplexity" and isinstance(r, dict):
+            print(
+                f"  (the guide's loop as written, one token too few per later window: "
+                f"{r['guide_as_written']:.6f})"
             )
     print(
         f"  pass@k: closed form max abs err {p['closed_form_max_abs_err']:.1e}, Monte Carlo "
@@ -1202,29 +1394,33 @@ def print_sweep(sweep: dict) -> None:
         )
 
 
-def print_card(card: dict, tasks_info: dict) -> None:
-    print(f"  {tasks_info}")
-    head = f"{'model':<30} {'ppl':>8} {'bits/B':>6} {'acc [95% CI]':>20} {'acc_norm [95% CI]':>20}"
-    print(f"  {head} {'BLEU':>5} {'R-L':>5} {'ECE':>5} {'pass@10':>7}")
+def print_card(card: dict, t: dict) -> None:
+    print(
+        f"  {t['eval_tokens']:,} held-out tokens (window {t['window']}, stride {t['stride']}), "
+        f"{t['questions']} questions x {t['choices']} choices, {t['prompts']} prompts; "
+        "[95% bootstrap intervals]"
+    )
+    print(
+        f"  {'model':<29} {'perplexity':>19} {'bits/B':>6} {'acc %':>17} {'acc_norm %':>17} "
+        f"{'BLEU':>16} {'ROUGE-L':>7} {'ECE':>5} {'pass@1':>6} {'pass@10':>7}"
+    )
     for name, r in card.items():
-        cells = [
-            f"{100 * r[m]['mean']:.1f} [{100 * r[m]['low']:.1f}, {100 * r[m]['high']:.1f}]"
+        acc = [
+            f"{100 * r[m]['mean']:4.1f} [{100 * r[m]['low']:4.1f},{100 * r[m]['high']:5.1f}]"
             for m in ("acc", "acc_norm")
         ]
+        lo, hi = r["perplexity_interval"]
         print(
-            f"  {MODEL_LABELS[name]:<30} {r['perplexity']:>8.1f} {r['bits_per_byte']:>6.3f} "
-            f"{cells[0]:>20} {cells[1]:>20} {r['bleu']:>5.2f} {r['rouge_l']:>5.3f} "
-            f"{r['ece']:>5.3f} {r['pass@10']:>7.3f}"
+            f"  {MODEL_LABELS[name]:<29} {r['perplexity']:>6.1f} [{lo:5.0f},{hi:5.0f}] "
+            f"{r['bits_per_byte']:>6.3f} {acc[0]:>17} {acc[1]:>17} {r['bleu']:>5.2f} "
+            f"[{r['bleu_interval'][0]:4.2f},{r['bleu_interval'][1]:4.2f}] {r['rouge_l']:>7.3f} "
+            f"{r['ece']:>5.3f} {r['pass@1']:>6.3f} {r['pass@10']:>7.3f}"
         )
 
 
 def print_comparisons(comparisons: dict) -> None:
-    for key, d in comparisons.items():
-        print(
-            f"  {key.replace('_minus_', ' - ').replace('_acc', ': acc'):<34} "
-            f"{100 * d['mean']:+6.1f} points [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
-            f" {'inside' if d['inside_noise'] else 'outside'} the noise"
-        )
+    for d in comparisons.values():
+        print(f"  {difference_phrase(d)} {'inside' if d['inside_noise'] else 'OUTSIDE'} the noise")
 
 
 def evaluation_figures(results: dict) -> dict:
@@ -1235,13 +1431,22 @@ def evaluation_figures(results: dict) -> dict:
         "loss_by_position": plot_loss_by_position(
             sweep["by_position"], flat, position_title(sweep["by_position"])
         ),
-        "reliability": plot_reliability(results["calibration"]),
+        "reliability": plot_reliability(
+            {k: results["calibration"][k] for k in ("trained", "bigram")}
+        ),
         "accuracy": plot_accuracy(
             card,
             results["tasks"]["choices"],
             accuracy_title(results["comparisons"], results["tasks"]["questions"]),
         ),
     }
+
+
+def lm_eval_requests(tasks: dict, n_questions: int = 12) -> list[tuple[str, str]]:
+    """The requests checked against lm-eval: every choice of the first questions (as this
+    script scores them), and the boundary cases (trailing space, empty context, newline)."""
+    out = [(q["context"], " " + c) for q in tasks["choice"][:n_questions] for c in q["choices"]]
+    return out + [("The value is ", "returned"), ("", "Hello world"), ("x = 1\n", "y = 2")]
 
 
 def build_tasks(data: dict, model: nn.Module, cfg: dict, seed: int) -> dict:
@@ -1291,11 +1496,12 @@ def card_results(evaluated: dict, tasks: dict, sizes: dict, seed: int) -> dict:
             "questions": len(tasks["choice"]),
             "choices": sizes["choices"],
             "eval_tokens": len(tasks["ids"]),
+            "prompts": len(tasks["generation"][0]),
             "window": sizes["window"],
             "stride": sizes["stride"],
         },
         "report_card": report_card(evaluated, sizes["n_boot"], seed),
-        "calibration": {k: evaluated[k]["calibration"] for k in ("trained", "untrained", "bigram")},
+        "calibration": {k: evaluated[k]["calibration"] for k in evaluated},
     }
 
 
@@ -1329,7 +1535,9 @@ def main(argv: list[str] | None = None) -> dict:
     print_comparisons(results["comparisons"])
     print(f"[5/{n}] checking parity with transformers, sacrebleu, rouge-score, math.comb ...")
     ids, generated = tasks["ids"][: cfg["parity_tokens"]], evaluated["trained"]["generated"]
-    results["references"] = check_references(model, ids, window, window // 2, generated)
+    results["references"] = check_references(
+        model, data["tok"], ids, generated, lm_eval_requests(tasks), not args.quick
+    )
     results["pass_at_k_check"] = check_pass_at_k(PASS_AT_K_CASES, cfg["mc_draws"], args.seed)
     print_references(results["references"], results["pass_at_k_check"])
     results["claims"] = evaluation_claims(results)

@@ -410,9 +410,12 @@ def test_bad_input_raises_naming_the_argument():
 def test_titles_follow_the_numbers():
     rows = [{"stride": 128, "perplexity": 10.0, "window_averaged": 10.5, "windows": 2},
             {"stride": 64, "perplexity": 9.0, "window_averaged": 9.2, "windows": 4}]  # fmt: skip
-    assert "falls from 10.0" in evaluation.stride_title({"rows": rows})
+    assert "10.0 without overlap (stride 128), 9.0 at best (stride 64)" in evaluation.stride_title(
+        {"rows": rows}
+    )
     rows[1]["perplexity"] = 11.0
-    assert "does not fall" in evaluation.stride_title({"rows": rows})
+    assert "did not lower it" in evaluation.stride_title({"rows": rows})
+    assert "off by up to 16.4%" in evaluation.stride_title({"rows": rows})  # 9.2 vs 11.0
     pos = {"context": list(range(1, 21)), "loss": [5.0] * 4 + [4.0] * 16}
     assert "Loss falls" in evaluation.position_title(pos)
     pos["loss"] = [4.0] * 4 + [5.0] * 16
@@ -433,7 +436,10 @@ def test_quick_run_writes_the_report_card_parities_and_figures(run_main):
         assert 0 <= row["bleu"] <= 100 and 0 <= row["rouge_l"] <= 1
     assert r["references"]["perplexity"]["abs_err"] < 1e-6 * r["references"]["perplexity"]["ours"]
     assert r["references"]["bleu"]["abs_err"] < 1e-9
-    assert r["references"]["rouge_l"]["max_abs_err"] < 1e-12
+    assert "--quick" in r["references"]["rouge_l"] and "--quick" in r["references"]["lm_eval"]
+    assert set(r["comparisons"]) == {
+        f"{a}_minus_{b}_{m}" for a, b in evaluation.PAIRS for m in evaluation.HIGHER_IS_BETTER
+    }
     assert "training.train" in r["model"]["source"]
     assert {"perplexity_equals_transformers", "pass_at_k_unbiased"} <= r["claims"].keys()
     assert r["claims"]["perplexity_equals_transformers"]["held"]
