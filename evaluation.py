@@ -26,7 +26,8 @@ The idea
    highest log-likelihood (``acc``) or of highest log-likelihood per character (``acc_norm``).
 4. Noise: a bootstrap over the questions gives each accuracy a 95% interval; a *paired*
    bootstrap of the difference between two models on the same questions says whether they
-   differ at all.
+   differ at all. Perplexity is resampled by window (neighbouring tokens are not independent),
+   BLEU and ROUGE-L by prompt.
 5. Generation: BLEU (n-gram precision with a brevity penalty) and ROUGE-L (longest common
    subsequence) of greedy continuations against the true text; pass@k, the chance that at
    least one of k samples is correct, estimated without bias from n >= k samples.
@@ -93,25 +94,30 @@ References
 
 Contents
 --------
-2. Core: ``score_windows``, ``perplexity`` (1, 2), ``window_perplexities``, ``encode_pair``,
-   ``loglikelihood_tokens``, ``loglikelihood`` (3), ``choose_answers`` (4),
-   ``bootstrap_interval``, ``paired_bootstrap`` (5), ``tokenize_13a``, ``corpus_bleu`` (6),
-   ``rouge_tokens``, ``rouge_l`` (7), ``pass_at_k`` (8), ``expected_calibration_error`` (9).
-3. Baselines and apparatus: the door checks (``_check_eval_ids``, ``_check_window_stride``,
-   the shared ``_check_sizes``, ``_check_positive``), ``NgramLM`` (unigram and bigram scorers
-   with a model's interface), ``untrained_like``, ``continue_ids``, ``split_sentences``,
-   ``build_choice_task``, ``generation_prompts``, ``phrase_task``.
-4. Experiments: ``claim``, ``print_claims``, ``check_references``, ``evaluate_model``,
-   ``report_card``, ``compare_models``, ``stride_sweep``, ``position_losses``,
-   ``check_pass_at_k``, ``evaluation_claims``.
+2. Core: ``score_windows``, ``window_perplexities`` and ``perplexity`` (1, 2), ``encode_pair``,
+   ``loglikelihood_tokens`` and ``loglikelihood`` (3), ``choose_answers`` (4),
+   ``bootstrap_interval`` and ``paired_bootstrap`` (5), ``tokenize_13a``, ``bleu_stats``,
+   ``bleu_from_stats`` and ``corpus_bleu`` (6), ``rouge_tokens`` and ``rouge_l`` (7),
+   ``pass_at_k`` (8), ``expected_calibration_error`` (9).
+3. Baselines and apparatus: the door checks (``_check_eval_ids``, ``_check_window_stride`` and
+   the shared ``_check_sizes``, ``_check_positive``), ``NgramLM`` (unigram and bigram counts
+   with a model's interface), ``fast_tokenizer`` (a transformers tokenizer from our ranks, for
+   lm-eval), ``untrained_like``, ``continue_ids``, and the tasks built from the text:
+   ``split_sentences``, ``build_choice_task``, ``generation_prompts``, ``phrase_task``.
+4. Experiments: ``claim``, ``print_claims``, ``hf_guide_perplexity``, ``check_references``,
+   ``check_lm_eval``, ``PASS_AT_K_CASES``, ``check_pass_at_k``, ``evaluate_model``, ``MODELS``,
+   ``PAIRS``, ``HIGHER_IS_BETTER``, ``bootstrap_statistic``, ``report_card``,
+   ``compare_models``, ``stride_sweep``, ``position_losses``, ``stride_title``,
+   ``position_title``, ``accuracy_title``, ``difference_phrase``, ``evaluation_claims``.
 5. Figures: ``MODEL_LABELS``, ``MODEL_COLOURS``, ``plot_perplexity_vs_stride``,
    ``plot_loss_by_position``, ``plot_reliability``, ``plot_accuracy``.
-6. Main: ``SIZES``, ``parse_args``, the ``print_*`` helpers, ``evaluation_figures``, ``main``.
+6. Main: ``SIZES``, ``parse_args``, the ``print_*`` helpers, ``evaluation_figures``,
+   ``lm_eval_requests``, ``build_tasks``, ``compared_models``, ``card_results``, ``main``.
 7. Plumbing (identical in every script).
 
-Read first: ``score_windows`` and ``perplexity`` (the sliding window in ten lines), then
-``encode_pair`` and ``loglikelihood_tokens`` (where the token boundary goes), then
-``bootstrap_interval`` and ``paired_bootstrap``.
+Read first: ``score_windows`` and ``perplexity`` (the sliding window), then ``encode_pair`` and
+``loglikelihood_tokens`` (where the token boundary goes), then ``bootstrap_interval`` and
+``paired_bootstrap``, then ``compare_models`` (which differences are inside the noise).
 """
 
 from __future__ import annotations
@@ -843,6 +849,11 @@ def evaluate_model(model: nn.Module, data: dict, tasks: dict, sizes: dict, seed:
             "bleu": corpus_bleu(hyps, refs)["score"],
             "rouge_l": sum(rouge) / len(rouge),
             "acc_picks_shortest": (lls.argmax(1) == chars.argmin(1)).double().mean().item(),
+            "acc_norm_picks_shortest": ((lls / chars).argmax(1) == chars.argmin(1))
+            .double()
+            .mean()
+            .item(),
+            "gold_is_shortest": (gold == chars.argmin(1)).double().mean().item(),
             "ece": calib["ece"],
             "top1_accuracy": scores["correct"].double().mean().item(),
             "correct_per_prompt": c,

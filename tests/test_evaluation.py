@@ -456,3 +456,72 @@ def test_cross_entropy_reference_for_the_scores():
     with torch.no_grad():
         ref = F.cross_entropy(trained()(ids[None, :-1])[0], ids[1:], reduction="none")
     torch.testing.assert_close(s["loss"], ref.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_bootstrap_statistic_resamples_like_bootstrap_interval_and_pairs_windows():
+    values = torch.rand(50, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    a = evaluation.bootstrap_statistic(lambda idx: values[idx].mean(1), 50, 400, 5)
+    b = bootstrap_interval(values, 400, 5)
+    assert (a["value"], a["low"], a["high"]) == pytest.approx((b["mean"], b["low"], b["high"]))
+    # a constant per-token gap between two models is found exactly, whatever the resample
+    loss = torch.rand(30, dtype=torch.float64) * 100
+    tokens = torch.randint(1, 50, (30,)).double()
+    items_a = {"window_loss": loss, "window_tokens": tokens}
+    items_b = {"window_loss": loss - 0.5 * tokens, "window_tokens": tokens}
+    fa = evaluation._metric_stats({**items_a, "bleu_stats": None, "rouge_l": None})["loss"]
+    fb = evaluation._metric_stats({**items_b, "bleu_stats": None, "rouge_l": None})["loss"]
+    d = evaluation.bootstrap_statistic(lambda idx: fa(idx) - fb(idx), 30, 300, 0)
+    assert d["value"] == pytest.approx(0.5) and d["low"] == pytest.approx(0.5)
+
+
+def test_bleu_bootstrap_value_is_the_corpus_bleu():
+    hyps = ["the value is returned", "a b c d e", "x y", "the cat sat on the mat"]
+    refs = ["the value is returned here", "a b c d f", "x z", "the cat sat on a mat"]
+    stats = evaluation.bleu_stats(hyps, refs)
+    r = evaluation.bootstrap_statistic(
+        lambda idx: torch.tensor([evaluation.bleu_from_stats(stats[i].sum(0)) for i in idx]),
+        4, 200, 0,
+    )  # fmt: skip
+    assert r["value"] == pytest.approx(corpus_bleu(hyps, refs)["score"])
+    assert r["low"] <= r["high"]
+
+
+def fake_results(better: bool) -> dict:
+    """The numbers evaluation_claims reads, pointing one way or the other."""
+    ppl = (10.0, 12.0) if better else (12.0, 10.0)
+    d = {"mean": 0.05 if better else -0.05, "low": 0.01 if better else -0.1,
+         "high": 0.1 if better else 0.02, "inside_noise": not better}  # fmt: skip
+    return {
+        "references": {
+            "perplexity": {"abs_err": 1e-9, "transformers": 10.0, "ours": 10.0},
+            "bleu": {"abs_err": 0.0},
+            "rouge_l": "skipped",
+            "lm_eval": "skipped",
+        },  # fmt: skip
+        "pass_at_k_check": {"closed_form_max_abs_err": 0.0, "monte_carlo_max_z": 1.0},
+        "stride_sweep": {
+            "rows": [{"stride": 8, "perplexity": ppl[1]}, {"stride": 2, "perplexity": ppl[0]}]
+        },  # fmt: skip
+        "report_card": {
+            "trained": {"perplexity": ppl[0]},
+            "bigram": {"perplexity": ppl[1]},
+            "untrained": {"perplexity": 100.0},
+        },  # fmt: skip
+        "comparisons": {
+            "trained_minus_bigram_acc": {"a": "trained", "b": "bigram", "metric": "acc", **d}
+        },  # fmt: skip
+    }
+
+
+def test_claims_say_what_was_measured_either_way():
+    good = evaluation.evaluation_claims(fake_results(True))
+    bad = evaluation.evaluation_claims(fake_results(False))
+    assert good["overlap_lowers_perplexity"]["held"]
+    assert not bad["overlap_lowers_perplexity"]["held"]
+    assert "did not show it lower" in bad["overlap_lowers_perplexity"]["statement"]
+    assert "does not beat" in bad["trained_beats_bigram_perplexity"]["statement"]
+    assert "beats" in good["trained_beats_bigram_perplexity"]["statement"]
+    key = "trained_minus_bigram_acc_outside_noise"
+    assert good[key]["held"] and "outside the noise" in good[key]["statement"]
+    assert not bad[key]["held"] and "inside the noise" in bad[key]["statement"]
+    assert "rouge_equals_rouge_score" not in good  # not run: no claim
