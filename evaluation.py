@@ -108,7 +108,8 @@ Contents
    ``check_lm_eval``, ``PASS_AT_K_CASES``, ``check_pass_at_k``, ``evaluate_model``, ``MODELS``,
    ``PAIRS``, ``HIGHER_IS_BETTER``, ``bootstrap_statistic``, ``report_card``,
    ``compare_models``, ``stride_sweep``, ``position_losses``, ``stride_title``,
-   ``position_title``, ``accuracy_title``, ``difference_phrase``, ``evaluation_claims``.
+   ``position_title``, ``accuracy_title``, ``difference_phrase``, ``reading_phrases``,
+   ``evaluation_claims``.
 5. Figures: ``MODEL_LABELS``, ``MODEL_COLOURS``, ``plot_perplexity_vs_stride``,
    ``plot_loss_by_position``, ``plot_reliability``, ``plot_accuracy``.
 6. Main: ``SIZES``, ``parse_args``, the ``print_*`` helpers, ``evaluation_figures``,
@@ -1032,6 +1033,40 @@ def difference_phrase(d: dict) -> str:
     )
 
 
+def reading_phrases(results: dict) -> dict:
+    """Sentences for the README that state measured outcomes, worded from the numbers: whether
+    the accuracy intervals hold chance, whether separate and paired intervals disagree, and
+    which way acc and acc_norm lean on length."""
+    card, n = results["report_card"], results["tasks"]["choices"]
+    holds = [m for m in card if card[m]["acc"]["low"] <= 1 / n <= card[m]["acc"]["high"]]
+    if len(holds) == len(card):
+        chance = (
+            f"every model's acc interval holds chance ({100 / n:.0f}%): this small test cannot "
+            "tell the real next sentence from the others for any of them"
+        )
+    else:
+        above = [MODEL_LABELS[m] for m in card if card[m]["acc"]["low"] > 1 / n]
+        chance = f"acc intervals above chance ({100 / n:.0f}%): {', '.join(above) or 'none'}"
+    t, b = card["trained"]["perplexity_interval"], card["bigram"]["perplexity_interval"]
+    d = results["comparisons"]["trained_minus_bigram_loss"]
+    overlap = t[0] <= b[1] and b[0] <= t[1]
+    paired = (
+        f"the perplexity intervals of the trained model and the bigram "
+        f"{'overlap' if overlap else 'do not overlap'} ([{t[0]:.0f}, {t[1]:.0f}] and "
+        f"[{b[0]:.0f}, {b[1]:.0f}]), and the paired interval of their loss difference "
+        f"({d['low']:+.3f} to {d['high']:+.3f} nats) "
+        + ("holds 0" if d["inside_noise"] else "does not hold 0")
+        + (": both models find the same windows hard" if overlap and not d["inside_noise"] else "")
+    )
+    r = card["trained"]
+    length = (
+        f"acc picked the shortest choice in {100 * r['acc_picks_shortest']:.0f}% of the "
+        f"questions and acc_norm in {100 * r['acc_norm_picks_shortest']:.0f}%, while the right "
+        f"answer was the shortest in {100 * r['gold_is_shortest']:.0f}%"
+    )
+    return {"chance_phrase": chance, "paired_phrase": paired, "length_phrase": length}
+
+
 def evaluation_claims(results: dict) -> dict:
     """The claims, worded from the numbers."""
     claims = {}
@@ -1552,6 +1587,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["pass_at_k_check"] = check_pass_at_k(PASS_AT_K_CASES, cfg["mc_draws"], args.seed)
     print_references(results["references"], results["pass_at_k_check"])
     results["claims"] = evaluation_claims(results)
+    results["phrases"] = reading_phrases(results)
     print_claims(results["claims"])
     print(f"[6/{n}] drawing figures ...")
     figures = evaluation_figures(results)

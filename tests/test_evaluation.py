@@ -51,9 +51,14 @@ def trained() -> training.Llama:
     if (training.DEFAULT_MODEL_DIR / "model.pt").is_file():
         return training.load_trained_model(training.DEFAULT_MODEL_DIR, {"val_windows": 1}, 0)[0]
     cfg = training.ModelConfig(
-        vocab_size=data()["tok"].n_vocab, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-        hidden_dim=64, max_seq_len=64,
-    )  # fmt: skip
+        vocab_size=data()["tok"].n_vocab,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        hidden_dim=64,
+        max_seq_len=64,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return training.Llama(cfg).eval()
@@ -99,8 +104,9 @@ def val_ids(n: int) -> torch.Tensor:
 # ---- perplexity ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("n", "window", "stride"), [(300, 128, 64), (300, 128, 128),
-                                                     (257, 64, 24), (200, 32, 1)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("n", "window", "stride"), [(300, 128, 64), (300, 128, 128), (257, 64, 24), (200, 32, 1)]
+)
 def test_perplexity_equals_transformers_token_weighted_loss(n, window, stride):
     torch.set_num_threads(1)
     ids = val_ids(n)
@@ -313,11 +319,14 @@ WORDS = [
 @settings(max_examples=40, deadline=None)
 @given(
     st.lists(
-        st.tuples(st.lists(st.sampled_from(WORDS), max_size=25),
-                  st.lists(st.sampled_from(WORDS), min_size=1, max_size=25)),
-        min_size=1, max_size=6,
+        st.tuples(
+            st.lists(st.sampled_from(WORDS), max_size=25),
+            st.lists(st.sampled_from(WORDS), min_size=1, max_size=25),
+        ),
+        min_size=1,
+        max_size=6,
     )
-)  # fmt: skip
+)
 def test_bleu_equals_sacrebleu(pairs):
     sacrebleu = pytest.importorskip("sacrebleu")
     hyps = [" ".join(h) for h, _ in pairs]
@@ -408,8 +417,10 @@ def test_bad_input_raises_naming_the_argument():
 
 
 def test_titles_follow_the_numbers():
-    rows = [{"stride": 128, "perplexity": 10.0, "window_averaged": 10.5, "windows": 2},
-            {"stride": 64, "perplexity": 9.0, "window_averaged": 9.2, "windows": 4}]  # fmt: skip
+    rows = [
+        {"stride": 128, "perplexity": 10.0, "window_averaged": 10.5, "windows": 2},
+        {"stride": 64, "perplexity": 9.0, "window_averaged": 9.2, "windows": 4},
+    ]
     assert "10.0 without overlap (stride 128), 9.0 at best (stride 64)" in evaluation.stride_title(
         {"rows": rows}
     )
@@ -480,8 +491,10 @@ def test_bleu_bootstrap_value_is_the_corpus_bleu():
     stats = evaluation.bleu_stats(hyps, refs)
     r = evaluation.bootstrap_statistic(
         lambda idx: torch.tensor([evaluation.bleu_from_stats(stats[i].sum(0)) for i in idx]),
-        4, 200, 0,
-    )  # fmt: skip
+        4,
+        200,
+        0,
+    )
     assert r["value"] == pytest.approx(corpus_bleu(hyps, refs)["score"])
     assert r["low"] <= r["high"]
 
@@ -489,27 +502,31 @@ def test_bleu_bootstrap_value_is_the_corpus_bleu():
 def fake_results(better: bool) -> dict:
     """The numbers evaluation_claims reads, pointing one way or the other."""
     ppl = (10.0, 12.0) if better else (12.0, 10.0)
-    d = {"mean": 0.05 if better else -0.05, "low": 0.01 if better else -0.1,
-         "high": 0.1 if better else 0.02, "inside_noise": not better}  # fmt: skip
+    d = {
+        "mean": 0.05 if better else -0.05,
+        "low": 0.01 if better else -0.1,
+        "high": 0.1 if better else 0.02,
+        "inside_noise": not better,
+    }
     return {
         "references": {
             "perplexity": {"abs_err": 1e-9, "transformers": 10.0, "ours": 10.0},
             "bleu": {"abs_err": 0.0},
             "rouge_l": "skipped",
             "lm_eval": "skipped",
-        },  # fmt: skip
+        },
         "pass_at_k_check": {"closed_form_max_abs_err": 0.0, "monte_carlo_max_z": 1.0},
         "stride_sweep": {
             "rows": [{"stride": 8, "perplexity": ppl[1]}, {"stride": 2, "perplexity": ppl[0]}]
-        },  # fmt: skip
+        },
         "report_card": {
             "trained": {"perplexity": ppl[0]},
             "bigram": {"perplexity": ppl[1]},
             "untrained": {"perplexity": 100.0},
-        },  # fmt: skip
+        },
         "comparisons": {
             "trained_minus_bigram_acc": {"a": "trained", "b": "bigram", "metric": "acc", **d}
-        },  # fmt: skip
+        },
     }
 
 
@@ -525,3 +542,29 @@ def test_claims_say_what_was_measured_either_way():
     assert good[key]["held"] and "outside the noise" in good[key]["statement"]
     assert not bad[key]["held"] and "inside the noise" in bad[key]["statement"]
     assert "rouge_equals_rouge_score" not in good  # not run: no claim
+
+
+def test_reading_phrases_follow_the_numbers():
+    row = {
+        "acc": {"low": 0.2, "high": 0.4},
+        "perplexity_interval": [180, 220],
+        "acc_picks_shortest": 0.7,
+        "acc_norm_picks_shortest": 0.1,
+        "gold_is_shortest": 0.3,
+    }
+    card = {m: dict(row) for m in evaluation.MODELS}
+    d = {"low": -0.2, "high": -0.1, "inside_noise": False}
+    results = {
+        "report_card": card,
+        "tasks": {"choices": 4},
+        "comparisons": {"trained_minus_bigram_loss": d},
+    }
+    p = evaluation.reading_phrases(results)
+    assert "every model's acc interval holds chance (25%)" in p["chance_phrase"]
+    assert "overlap" in p["paired_phrase"] and "does not hold 0" in p["paired_phrase"]
+    card["trained"] = {**row, "acc": {"low": 0.3, "high": 0.5}, "perplexity_interval": [100, 120]}
+    d.update(low=-0.1, high=0.1, inside_noise=True)
+    p = evaluation.reading_phrases(results)
+    assert p["chance_phrase"].endswith("trained Llama")
+    assert "do not overlap" in p["paired_phrase"] and "holds 0" in p["paired_phrase"]
+    assert "acc picked the shortest choice in 70%" in p["length_phrase"]
