@@ -37,7 +37,7 @@ from evaluation import (
     rouge_l,
     score_windows,
 )
-from tokenization import ENDOFTEXT, GPT4_PATTERN
+from tokenization import ENDOFTEXT
 
 
 @functools.cache
@@ -74,18 +74,9 @@ def hf_model():
 
 @functools.cache
 def hf_tokenizer():
-    """A transformers fast tokenizer from our tiktoken ranks file (TikTokenConverter), with
-    <|endoftext|> as its EOS (id 4096, as ours) and no BOS."""
+    """The script's transformers fast tokenizer built from our ranks (EOS <|endoftext|>)."""
     pytest.importorskip("transformers")
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    conv = TikTokenConverter(
-        vocab_file=str(training.TOKENIZER_FILE),
-        pattern=GPT4_PATTERN,
-        extra_special_tokens=[ENDOFTEXT],
-    )
-    return PreTrainedTokenizerFast(tokenizer_object=conv.converted(), eos_token=ENDOFTEXT)
+    return evaluation.fast_tokenizer()
 
 
 @functools.cache
@@ -568,3 +559,12 @@ def test_reading_phrases_follow_the_numbers():
     assert p["chance_phrase"].endswith("trained Llama")
     assert "do not overlap" in p["paired_phrase"] and "holds 0" in p["paired_phrase"]
     assert "acc picked the shortest choice in 70%" in p["length_phrase"]
+
+
+def test_continue_ids_greedy_equals_generate_with_the_cache():
+    ids = val_ids(40).view(2, 20)
+    ours = evaluation.continue_ids(trained(), ids, 6)
+    assert torch.equal(ours, trained().generate(ids, 6)[:, 20:])
+    gen_a, gen_b = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    a = evaluation.continue_ids(trained(), ids, 4, temperature=1.0, generator=gen_a)
+    assert torch.equal(a, evaluation.continue_ids(trained(), ids, 4, 1.0, gen_b))
