@@ -827,7 +827,7 @@ def evaluate_model(model: nn.Module, data: dict, tasks: dict, sizes: dict, seed:
     )
     correct = (samples == p_truth.repeat_interleave(n, 0)).all(1).view(len(p_truth), n)
     c = correct.sum(1).tolist()
-    pass_k = {f"pass@{k}": sum(pass_at_k(n, ci, k) for ci in c) / len(c) for k in sizes["ks"]}
+    pass_k = {f"pass_at_{k}": sum(pass_at_k(n, ci, k) for ci in c) / len(c) for k in sizes["ks"]}
     calib = expected_calibration_error(scores["confidence"], scores["correct"], sizes["bins"])
     win = scores["window"]
     chars = torch.tensor([[len(c) for c in q["choices"]] for q in questions])
@@ -1460,7 +1460,7 @@ def print_card(card: dict, t: dict) -> None:
             f"  {MODEL_LABELS[name]:<29} {r['perplexity']:>6.1f} [{lo:5.0f},{hi:5.0f}] "
             f"{r['bits_per_byte']:>6.3f} {acc[0]:>17} {acc[1]:>17} {r['bleu']:>5.2f} "
             f"[{r['bleu_interval'][0]:4.2f},{r['bleu_interval'][1]:4.2f}] {r['rouge_l']:>7.3f} "
-            f"{r['ece']:>5.3f} {r['pass@1']:>6.3f} {r['pass@10']:>7.3f}"
+            f"{r['ece']:>5.3f} {r['pass_at_1']:>6.3f} {r['pass_at_10']:>7.3f}"
         )
 
 
@@ -1543,6 +1543,10 @@ def card_results(evaluated: dict, tasks: dict, sizes: dict, seed: int) -> dict:
             "choices": sizes["choices"],
             "eval_tokens": len(tasks["ids"]),
             "prompts": len(tasks["generation"][0]),
+            "pass_at_k_passages": len(tasks["phrases"][0]),
+            "pass_at_k_tokens": tasks["phrases"][1].shape[1],
+            "pass_at_k_samples": sizes["samples"],
+            "pass_at_k_temperature": sizes["temperature"],
             "window": sizes["window"],
             "stride": sizes["stride"],
         },
