@@ -242,9 +242,10 @@ def perplexity(model: nn.Module, ids: torch.Tensor, window: int, stride: int) ->
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-evaluation-harness's token boundary between ``context`` and ``continuation``.
 
-    Trailing whitespace of the context moves to the continuation (" Paris" is one token, "
-    " then "Paris" two); then context + continuation is encoded whole and the continuation is
-    what follows the context's own tokens. An empty context becomes the prefix token
+    Trailing whitespace of the context moves to the continuation (" Paris" is one token; a
+    space left at the end of the context would make it two, and an unnatural pair); then
+    context + continuation is encoded whole and the continuation is what follows the
+    context's own tokens. An empty context becomes the prefix token
     ``<|endoftext|>`` (this tokenizer's only special token, as lm-eval's ``prefix_token_id``
     falls back to the EOS token), unless the continuation itself starts with that token."""
     if not isinstance(context, str) or not isinstance(continuation, str):
@@ -310,8 +311,8 @@ def choose_answers(lls: torch.Tensor, choices: list[list[str]], gold: torch.Tens
     chars = torch.tensor([[len(c) for c in q] for q in choices], dtype=torch.float64)
     nbytes = torch.tensor([[len(c.encode()) for c in q] for q in choices], dtype=torch.float64)
     return {
-        "acc": (lls.argmax(1) == gold).double(),
-        "acc_norm": ((lls / chars).argmax(1) == gold).double(),
+        "acc": (lls.argmax(1) == gold).double(),  # (4)
+        "acc_norm": ((lls / chars).argmax(1) == gold).double(),  # (4)
         "acc_bytes": ((lls / nbytes).argmax(1) == gold).double(),
     }
 
@@ -321,9 +322,12 @@ def bootstrap_interval(values: torch.Tensor, n_boot: int, seed: int, level: floa
     (1 - level) / 2 and (1 + level) / 2 quantiles of the means of ``n_boot`` resamples with
     replacement. Deterministic for a seed (its own generator)."""
     _check_sizes(n_boot=n_boot)
+    _check_positive(level=level)
+    if level >= 1 or values.dim() != 1 or len(values) == 0:
+        raise ValueError(f"level ({level}) must be < 1, values 1-D and not empty")
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(len(values), (n_boot, len(values)), generator=gen)  # (n_boot, n)
-    means = values.double()[idx].mean(1)
+    means = values.double()[idx].mean(1)  # (5) one mean per resample
     lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2]).double())
     return {"mean": values.double().mean().item(), "low": lo.item(), "high": hi.item()}
 
@@ -334,7 +338,7 @@ def paired_bootstrap(a: torch.Tensor, b: torch.Tensor, n_boot: int, seed: int) -
     most questions. ``inside_noise``: the interval holds 0."""
     if a.shape != b.shape:
         raise ValueError(f"a {tuple(a.shape)} and b {tuple(b.shape)} must score the same items")
-    out = bootstrap_interval(a.double() - b.double(), n_boot, seed)
+    out = bootstrap_interval(a.double() - b.double(), n_boot, seed)  # (5) on the differences
     return {**out, "inside_noise": out["low"] <= 0 <= out["high"]}
 
 
@@ -418,7 +422,7 @@ def rouge_l(reference: str, hypothesis: str) -> dict:
         for j, h in enumerate(hyp):
             row.append(prev[j] + 1 if r == h else max(prev[j + 1], row[j]))
         prev = row
-    p, rec = prev[-1] / len(hyp), prev[-1] / len(ref)
+    p, rec = prev[-1] / len(hyp), prev[-1] / len(ref)  # (7)
     return {"precision": p, "recall": rec, "fmeasure": 2 * p * rec / (p + rec) if p + rec else 0.0}
 
 
@@ -675,8 +679,9 @@ def hf_guide_perplexity(hf_model, ids: torch.Tensor, window: int, stride: int, a
 
     The model shifts the labels inside (position i predicts label i + 1), so it scores the
     labels at positions 1.. that are not -100. The guide as written counts (labels != -100)
-    minus 1 per window (``as_written``): right for the first window, whose label 0 is valid
-    and dropped by the shift, one too few for every later one, whose label 0 is already -100."""
+    minus 1 per window (``as_written``): right when a window's label 0 is valid (the first
+    window, or stride = window), one too few for every later window when they overlap, whose
+    label 0 is already -100, so each window's mean loss gets a slightly wrong weight."""
     nll_sum, n_tokens, prev_end = 0.0, 0, 0
     with torch.no_grad():
         for begin in range(0, len(ids), stride):
@@ -1422,7 +1427,7 @@ def print_references(ref: dict, p: dict) -> None:
             )
         if name == "perplexity" and isinstance(r, dict):
             print(
-                f"  (the guide's loop as written, one token too few per later window: "
+                f"  (the guide's loop as written, one token too few per overlapping window: "
                 f"{r['guide_as_written']:.6f})"
             )
     print(

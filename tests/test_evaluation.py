@@ -402,6 +402,12 @@ def test_bad_input_raises_naming_the_argument():
         expected_calibration_error(torch.tensor([0.5]), torch.tensor([1, 0]))
     with pytest.raises(ValueError, match="n_boot"):
         bootstrap_interval(torch.ones(3), 0, 0)
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_interval(torch.ones(3), 10, 0, level=1.5)
+    with pytest.raises(ValueError, match="a "):
+        paired_bootstrap(torch.ones(3), torch.ones(4), 10, 0)
+    with pytest.raises(ValueError, match="order"):
+        NgramLM(torch.arange(20) % 5, 5, 3)
 
 
 # ---- titles and claims -------------------------------------------------------------------------
