@@ -101,24 +101,25 @@ Contents
    ``pass_at_k`` (8), ``expected_calibration_error`` (9).
 3. Baselines and apparatus: the door checks (``_check_eval_ids``, ``_check_window_stride`` and
    the shared ``_check_sizes``, ``_check_positive``), ``NgramLM`` (unigram and bigram counts
-   with a model's interface), ``fast_tokenizer`` (a transformers tokenizer from our ranks, for
-   lm-eval), ``untrained_like``, ``continue_ids``, and the tasks built from the text:
-   ``split_sentences``, ``build_choice_task``, ``generation_prompts``, ``phrase_task``.
+   with a model's interface), ``fast_tokenizer_from_ranks`` (a transformers tokenizer from our
+   ranks, for lm-eval), ``untrained_like``, ``continue_ids``, and the tasks built from the
+   text: ``prose_sentence_runs``, ``build_choice_task``, ``generation_prompts``,
+   ``phrase_task``.
 4. Experiments: ``claim``, ``print_claims``, ``hf_guide_perplexity``, ``check_references``,
-   ``check_lm_eval``, ``PASS_AT_K_CASES``, ``check_pass_at_k``, ``evaluate_model``, ``MODELS``,
-   ``PAIRS``, ``HIGHER_IS_BETTER``, ``bootstrap_statistic``, ``report_card``,
-   ``compare_models``, ``stride_sweep``, ``position_losses``, ``stride_title``,
-   ``position_title``, ``accuracy_title``, ``difference_phrase``, ``reading_phrases``,
-   ``evaluation_claims``.
-5. Figures: ``MODEL_LABELS``, ``MODEL_COLOURS``, ``plot_perplexity_vs_stride``,
+   ``check_lm_eval``, ``PASS_AT_K_CASES``, ``check_pass_at_k``, ``evaluate_card_model``,
+   ``CARD_MODELS``, ``CARD_PAIRS``, ``CARD_HIGHER_IS_BETTER``, ``bootstrap_statistic``,
+   ``report_card``, ``compare_card_models``, ``stride_sweep``, ``position_losses``,
+   ``stride_title``, ``position_title``, ``accuracy_title``, ``difference_phrase``,
+   ``reading_phrases``, ``evaluation_claims``.
+5. Figures: ``CARD_LABELS``, ``CARD_COLOURS``, ``plot_perplexity_vs_stride``,
    ``plot_loss_by_position``, ``plot_reliability``, ``plot_accuracy``.
 6. Main: ``SIZES``, ``parse_args``, the ``print_*`` helpers, ``evaluation_figures``,
-   ``lm_eval_requests``, ``build_tasks``, ``compared_models``, ``card_results``, ``main``.
+   ``lm_eval_requests``, ``build_card_tasks``, ``compared_models``, ``card_results``, ``main``.
 7. Plumbing (identical in every script).
 
 Read first: ``score_windows`` and ``perplexity`` (the sliding window), then ``encode_pair`` and
 ``loglikelihood_tokens`` (where the token boundary goes), then ``bootstrap_interval`` and
-``paired_bootstrap``, then ``compare_models`` (which differences are inside the noise).
+``paired_bootstrap``, then ``compare_card_models`` (which differences are inside the noise).
 """
 
 from __future__ import annotations
@@ -538,7 +539,7 @@ class NgramLM(nn.Module):
         return self.table[ids]  # (batch, seq_len, vocab)
 
 
-def fast_tokenizer(path: Path = training.TOKENIZER_FILE):
+def fast_tokenizer_from_ranks(path: Path = training.TOKENIZER_FILE):
     """A transformers fast tokenizer from our tiktoken ranks file, for lm-evaluation-harness:
     ``TikTokenConverter`` rebuilds BPE merges from the ranks (each token splits into the two
     lower-ranked tokens that make it), with our GPT-4 split pattern and ``<|endoftext|>`` as
@@ -587,7 +588,7 @@ def continue_ids(
     return ids[:, prompts.shape[1] :]
 
 
-def split_sentences(text: str) -> list[list[str]]:
+def prose_sentence_runs(text: str) -> list[list[str]]:
     """Runs of prose in ``text``: consecutive blank-line separated paragraphs as one list of
     sentences (split after . ! ? before a capital), broken by anything that is not prose (an
     indented block of code or grammar, a title underlined with stars)."""
@@ -613,7 +614,7 @@ def build_choice_task(
     ``choices`` (strings without the leading space; the request adds " " as lm-eval's target
     delimiter) and ``gold`` (index). Only sentences for which ``fits`` holds are choices."""
     _check_sizes(n_questions=n_questions, n_choices=n_choices)
-    runs = split_sentences(text)
+    runs = prose_sentence_runs(text)
     pool = [s for r in runs for s in r if fits(s)]
     candidates = [(r, i) for r in runs for i in range(1, len(r)) if fits(r[i])]
     gen = torch.Generator().manual_seed(seed)
@@ -766,7 +767,7 @@ def check_lm_eval(model: training.Llama, tok, requests: list[tuple[str, str]]) -
     except ImportError:
         return {"skipped": "lm-eval or transformers not installed: not checked"}
     hf.load_state_dict(model.state_dict(), strict=True)
-    lm = HFLM(pretrained=hf, tokenizer=fast_tokenizer(), batch_size=16)
+    lm = HFLM(pretrained=hf, tokenizer=fast_tokenizer_from_ranks(), batch_size=16)
     insts = [Instance("loglikelihood", {}, r, i) for i, r in enumerate(requests)]
     theirs = lm.loglikelihood(insts, disable_tqdm=True)
     pairs = [encode_pair(tok, c, k) for c, k in requests]
@@ -807,7 +808,7 @@ def check_pass_at_k(cases: list[tuple[int, int, int]], draws: int, seed: int) ->
     }
 
 
-def evaluate_model(model: nn.Module, data: dict, tasks: dict, sizes: dict, seed: int) -> dict:
+def evaluate_card_model(model: nn.Module, data: dict, tasks: dict, sizes: dict, seed: int) -> dict:
     """Everything the report card needs from one model, each pass computed once: the
     sliding-window scores (perplexity, bits per byte, calibration), the multiple-choice
     log-likelihoods, greedy continuations (BLEU, ROUGE-L) and sampled ones (pass@k)."""
@@ -871,9 +872,15 @@ def evaluate_model(model: nn.Module, data: dict, tasks: dict, sizes: dict, seed:
     }
 
 
-MODELS = ("trained", "untrained", "unigram", "bigram")
-PAIRS = (("trained", "untrained"), ("trained", "bigram"), ("trained", "unigram"))
-HIGHER_IS_BETTER = {"acc": True, "acc_norm": True, "loss": False, "bleu": True, "rouge_l": True}
+CARD_MODELS = ("trained", "untrained", "unigram", "bigram")
+CARD_PAIRS = (("trained", "untrained"), ("trained", "bigram"), ("trained", "unigram"))
+CARD_HIGHER_IS_BETTER = {
+    "acc": True,
+    "acc_norm": True,
+    "loss": False,
+    "bleu": True,
+    "rouge_l": True,
+}
 
 
 def bootstrap_statistic(stat, n: int, n_boot: int, seed: int) -> dict:
@@ -925,12 +932,12 @@ def report_card(evaluated: dict, n_boot: int, seed: int) -> dict:
     return card
 
 
-def compare_models(evaluated: dict, n_boot: int, seed: int) -> dict:
+def compare_card_models(evaluated: dict, n_boot: int, seed: int) -> dict:
     """Paired bootstraps of a - b for each pair of models and metric: acc and acc_norm over
     questions, loss per token over windows (the same windows for both), BLEU and ROUGE-L over
     prompts; a difference is inside the noise when its 95% interval holds 0."""
     out = {}
-    for a, b in PAIRS:
+    for a, b in CARD_PAIRS:
         ea, eb = evaluated[a], evaluated[b]
         for metric in ("acc", "acc_norm"):
             d = paired_bootstrap(ea["answers"][metric], eb["answers"][metric], n_boot, seed)
@@ -1050,7 +1057,7 @@ def reading_phrases(results: dict) -> dict:
             "tell the real next sentence from the others for any of them"
         )
     else:
-        above = [MODEL_LABELS[m] for m in card if card[m]["acc"]["low"] > 1 / n]
+        above = [CARD_LABELS[m] for m in card if card[m]["acc"]["low"] > 1 / n]
         chance = f"acc intervals above chance ({100 / n:.0f}%): {', '.join(above) or 'none'}"
     t, b = card["trained"]["perplexity_interval"], card["bigram"]["perplexity_interval"]
     d = results["comparisons"]["trained_minus_bigram_loss"]
@@ -1130,7 +1137,7 @@ def evaluation_claims(results: dict) -> dict:
             f"{difference_phrase(d)}: "
             + ("inside" if d["inside_noise"] else "outside")
             + " the noise",
-            not d["inside_noise"] and (d["mean"] > 0) == HIGHER_IS_BETTER[d["metric"]],
+            not d["inside_noise"] and (d["mean"] > 0) == CARD_HIGHER_IS_BETTER[d["metric"]],
         )
     return claims
 
@@ -1139,13 +1146,13 @@ def evaluation_claims(results: dict) -> dict:
 # 5. Figures (one function per figure, each returns the Figure)
 # =============================================================================
 
-MODEL_LABELS = {
+CARD_LABELS = {
     "trained": "trained Llama",
     "untrained": "untrained Llama (same shape)",
     "unigram": "unigram counts",
     "bigram": "bigram counts",
 }
-MODEL_COLOURS = {
+CARD_COLOURS = {
     "trained": "tab:blue",
     "untrained": "tab:grey",
     "unigram": "tab:orange",
@@ -1195,26 +1202,26 @@ def plot_loss_by_position(by_position: dict, flat: dict, title: str) -> plt.Figu
     ax.plot(
         ctx,
         loss,
-        color=MODEL_COLOURS["trained"],
+        color=CARD_COLOURS["trained"],
         alpha=0.3,
         lw=1,
-        label=f"{MODEL_LABELS['trained']}, each position ({by_position['count'][0]} windows)",
+        label=f"{CARD_LABELS['trained']}, each position ({by_position['count'][0]} windows)",
     )
     groups = [range(i, min(i + width, len(ctx))) for i in range(0, len(ctx), width)]
     ax.plot(
         [sum(ctx[i] for i in g) / len(g) for g in groups],
         [sum(loss[i] for i in g) / len(g) for g in groups],
         "o-",
-        color=MODEL_COLOURS["trained"],
+        color=CARD_COLOURS["trained"],
         label=f"the same, mean of {width} positions",
     )
     for name, loss in flat.items():
         ax.axhline(
             loss,
-            color=MODEL_COLOURS[name],
+            color=CARD_COLOURS[name],
             ls="--",
             lw=1,
-            label=f"{MODEL_LABELS[name]} (any position): {loss:.2f}",
+            label=f"{CARD_LABELS[name]} (any position): {loss:.2f}",
         )
     ax.set_xlabel("tokens of context before the target (its position in a non-overlapping window)")
     ax.set_ylabel("mean loss (nats per token)")
@@ -1247,7 +1254,7 @@ def plot_reliability(calibration: dict) -> plt.Figure:
             [c["accuracy"][i] for i in used],
             width=1 / n,
             alpha=0.7,
-            color=MODEL_COLOURS[name],
+            color=CARD_COLOURS[name],
             edgecolor="black",
             label="accuracy in the bin",
         )
@@ -1259,7 +1266,7 @@ def plot_reliability(calibration: dict) -> plt.Figure:
             label="(mean confidence, accuracy)",
         )
         ax.set_ylim(0, 1)
-        ax.set_title(f"{MODEL_LABELS[name]}: ECE {c['ece']:.3f}", fontsize=9)
+        ax.set_title(f"{CARD_LABELS[name]}: ECE {c['ece']:.3f}", fontsize=9)
         ax.legend(fontsize=7, loc="upper left")
         below.bar(centres, [c["count"][i] for i in used], width=1 / n, color="grey")
         below.set_yscale("log")
@@ -1286,14 +1293,14 @@ def plot_accuracy(card: dict, n_choices: int, title: str) -> plt.Figure:
                 100 * r["mean"],
                 yerr=[[100 * (r["mean"] - r["low"])], [100 * (r["high"] - r["mean"])]],
                 fmt="o" if j == 0 else "s",
-                color=MODEL_COLOURS[name],
+                color=CARD_COLOURS[name],
                 capsize=4,
-                mfc=MODEL_COLOURS[name] if j == 0 else "white",
+                mfc=CARD_COLOURS[name] if j == 0 else "white",
             )
     ax.axhline(100 / n_choices, color="black", ls=":", label=f"chance ({100 / n_choices:.0f}%)")
     ax.plot([], [], "ko", label="acc (filled)")
     ax.plot([], [], "ks", mfc="white", label="acc_norm (open)")
-    ax.set_xticks(range(len(card)), [MODEL_LABELS[n] for n in card], fontsize=8)
+    ax.set_xticks(range(len(card)), [CARD_LABELS[n] for n in card], fontsize=8)
     ax.set_ylabel("accuracy, % (bars: 95% bootstrap interval)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3, axis="y")
@@ -1462,7 +1469,7 @@ def print_card(card: dict, t: dict) -> None:
         ]
         lo, hi = r["perplexity_interval"]
         print(
-            f"  {MODEL_LABELS[name]:<29} {r['perplexity']:>6.1f} [{lo:5.0f},{hi:5.0f}] "
+            f"  {CARD_LABELS[name]:<29} {r['perplexity']:>6.1f} [{lo:5.0f},{hi:5.0f}] "
             f"{r['bits_per_byte']:>6.3f} {acc[0]:>17} {acc[1]:>17} {r['bleu']:>5.2f} "
             f"[{r['bleu_interval'][0]:4.2f},{r['bleu_interval'][1]:4.2f}] {r['rouge_l']:>7.3f} "
             f"{r['ece']:>5.3f} {r['pass_at_1']:>6.3f} {r['pass_at_10']:>7.3f}"
@@ -1500,7 +1507,7 @@ def lm_eval_requests(tasks: dict, n_questions: int = 12) -> list[tuple[str, str]
     return out + [("The value is ", "returned"), ("", "Hello world"), ("x = 1\n", "y = 2")]
 
 
-def build_tasks(data: dict, model: nn.Module, cfg: dict, seed: int) -> dict:
+def build_card_tasks(data: dict, model: nn.Module, cfg: dict, seed: int) -> dict:
     """The evaluation inputs, fixed by the seed: held-out ids, questions, prompts, phrases."""
     ids = data["val"] if cfg["eval_tokens"] is None else data["val"][: cfg["eval_tokens"]]
     from tokenization import load_corpus
@@ -1573,7 +1580,7 @@ def main(argv: list[str] | None = None) -> dict:
         model_dir, cfg["fallback"], args.seed
     )
     print_model(results["model"])
-    tasks = build_tasks(data, model, cfg, args.seed)
+    tasks = build_card_tasks(data, model, cfg, args.seed)
     window = model.config.max_seq_len
     sizes = {**cfg, "window": window, "stride": min(cfg["stride"], window)}
     print(f"[2/{n}] scoring the held-out text at every stride ...")
@@ -1582,11 +1589,13 @@ def main(argv: list[str] | None = None) -> dict:
     print_sweep(results["stride_sweep"])
     print(f"[3/{n}] evaluating trained, untrained, unigram and bigram models ...")
     models = compared_models(model, data, args.seed)
-    evaluated = {k: evaluate_model(m, data, tasks, sizes, args.seed) for k, m in models.items()}
+    evaluated = {
+        k: evaluate_card_model(m, data, tasks, sizes, args.seed) for k, m in models.items()
+    }
     results.update(card_results(evaluated, tasks, sizes, args.seed))
     print_card(results["report_card"], results["tasks"])
     print(f"[4/{n}] comparing models with paired bootstraps ...")
-    results["comparisons"] = compare_models(evaluated, cfg["n_boot"], args.seed)
+    results["comparisons"] = compare_card_models(evaluated, cfg["n_boot"], args.seed)
     print_comparisons(results["comparisons"])
     print(f"[5/{n}] checking parity with transformers, sacrebleu, rouge-score, math.comb ...")
     ids, generated = tasks["ids"][: cfg["parity_tokens"]], evaluated["trained"]["generated"]

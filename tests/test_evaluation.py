@@ -76,7 +76,7 @@ def hf_model():
 def hf_tokenizer():
     """The script's transformers fast tokenizer built from our ranks (EOS <|endoftext|>)."""
     pytest.importorskip("transformers")
-    return evaluation.fast_tokenizer()
+    return evaluation.fast_tokenizer_from_ranks()
 
 
 @functools.cache
@@ -176,7 +176,7 @@ def test_encode_pair_moves_trailing_spaces_and_handles_an_empty_context():
 
 def requests(n_long: int = 3) -> list[tuple[str, str]]:
     text = " ".join(training.load_data.__doc__.split())
-    heldout = evaluation.split_sentences(__import__("tokenization").load_corpus()["heldout"])
+    heldout = evaluation.prose_sentence_runs(__import__("tokenization").load_corpus()["heldout"])
     pairs = [
         ("The value is ", "returned"),  # trailing space moves
         ("The value is", " returned."),  # continuation starts with a space
@@ -437,7 +437,7 @@ def test_titles_follow_the_numbers():
 def test_quick_run_writes_the_report_card_parities_and_figures(run_main):
     run = run_main(evaluation)
     r = run.results
-    assert set(r["report_card"]) == set(evaluation.MODELS)
+    assert set(r["report_card"]) == set(evaluation.CARD_MODELS)
     for row in r["report_card"].values():
         assert row["perplexity"] > 1 and row["bits_per_byte"] > 0 and 0 <= row["ece"] <= 1
         assert 0 <= row["acc"]["low"] <= row["acc"]["mean"] <= row["acc"]["high"] <= 1
@@ -446,7 +446,9 @@ def test_quick_run_writes_the_report_card_parities_and_figures(run_main):
     assert r["references"]["bleu"]["abs_err"] < 1e-9
     assert "--quick" in r["references"]["rouge_l"] and "--quick" in r["references"]["lm_eval"]
     assert set(r["comparisons"]) == {
-        f"{a}_minus_{b}_{m}" for a, b in evaluation.PAIRS for m in evaluation.HIGHER_IS_BETTER
+        f"{a}_minus_{b}_{m}"
+        for a, b in evaluation.CARD_PAIRS
+        for m in evaluation.CARD_HIGHER_IS_BETTER
     }
     assert "training.train" in r["model"]["source"]
     assert {"perplexity_equals_transformers", "pass_at_k_unbiased"} <= r["claims"].keys()
@@ -549,7 +551,7 @@ def test_reading_phrases_follow_the_numbers():
         "acc_norm_picks_shortest": 0.1,
         "gold_is_shortest": 0.3,
     }
-    card = {m: dict(row) for m in evaluation.MODELS}
+    card = {m: dict(row) for m in evaluation.CARD_MODELS}
     d = {"low": -0.2, "high": -0.1, "inside_noise": False}
     results = {
         "report_card": card,
