@@ -808,12 +808,16 @@ def check_pass_at_k(cases: list[tuple[int, int, int]], draws: int, seed: int) ->
     }
 
 
-def evaluate_card_model(model: nn.Module, data: dict, tasks: dict, sizes: dict, seed: int) -> dict:
+def evaluate_card_model(
+    model: nn.Module, data: dict, tasks: dict, sizes: dict, seed: int, scores: dict | None = None
+) -> dict:
     """Everything the report card needs from one model, each pass computed once: the
-    sliding-window scores (perplexity, bits per byte, calibration), the multiple-choice
-    log-likelihoods, greedy continuations (BLEU, ROUGE-L) and sampled ones (pass@k)."""
+    sliding-window scores (perplexity, bits per byte, calibration; ``scores`` if the stride
+    sweep already has them), the multiple-choice log-likelihoods, greedy continuations (BLEU,
+    ROUGE-L) and sampled ones (pass@k)."""
     tok, ids = data["tok"], tasks["ids"]
-    scores = score_windows(model, ids, sizes["window"], sizes["stride"])
+    if scores is None:
+        scores = score_windows(model, ids, sizes["window"], sizes["stride"])
     ppl = window_perplexities(scores)
     scored = torch.cat([ids[:1], ids[scores["target"]]])[None]  # bits_per_byte's targets
     questions = tasks["choice"]
@@ -959,16 +963,17 @@ def compare_card_models(evaluated: dict, n_boot: int, seed: int) -> dict:
     return out
 
 
-def stride_sweep(model: nn.Module, ids: torch.Tensor, window: int, strides: list[int]) -> dict:
+def stride_sweep(model: nn.Module, ids: torch.Tensor, window: int, strides: list[int]) -> tuple:
     """Token-weighted (1) and window-averaged (2) perplexity at each stride; the loss by
-    context length from the non-overlapping pass (stride = window)."""
-    rows, by_position = [], None
+    context length from the non-overlapping pass (stride = window). Also returns the scores
+    of every stride (stride -> ``score_windows``'s dict), for reuse."""
+    rows, by_position, all_scores = [], None, {}
     for stride in strides:
-        scores = score_windows(model, ids, window, stride)
+        scores = all_scores[stride] = score_windows(model, ids, window, stride)
         rows.append({"stride": stride, **window_perplexities(scores)})
         if stride == window:
             by_position = position_losses(scores, window)
-    return {"window": window, "rows": rows, "by_position": by_position}
+    return {"window": window, "rows": rows, "by_position": by_position}, all_scores
 
 
 def position_losses(scores: dict, window: int) -> dict:
@@ -1585,12 +1590,14 @@ def main(argv: list[str] | None = None) -> dict:
     sizes = {**cfg, "window": window, "stride": min(cfg["stride"], window)}
     print(f"[2/{n}] scoring the held-out text at every stride ...")
     strides = [window // k for k in cfg["strides_per_window"]]
-    results["stride_sweep"] = stride_sweep(model, tasks["ids"], window, strides)
+    results["stride_sweep"], swept = stride_sweep(model, tasks["ids"], window, strides)
     print_sweep(results["stride_sweep"])
     print(f"[3/{n}] evaluating trained, untrained, unigram and bigram models ...")
     models = compared_models(model, data, args.seed)
+    reuse = {"trained": swept.get(sizes["stride"])}  # the sweep scored this stride already
     evaluated = {
-        k: evaluate_card_model(m, data, tasks, sizes, args.seed) for k, m in models.items()
+        k: evaluate_card_model(m, data, tasks, sizes, args.seed, reuse.get(k))
+        for k, m in models.items()
     }
     results.update(card_results(evaluated, tasks, sizes, args.seed))
     print_card(results["report_card"], results["tasks"])
