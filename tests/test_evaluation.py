@@ -111,6 +111,14 @@ def test_the_guide_as_written_undercounts_later_windows():
     right = evaluation.hf_guide_perplexity(hf_model(), ids, 128, 64)
     written = evaluation.hf_guide_perplexity(hf_model(), ids, 128, 64, as_written=True)
     assert not math.isclose(right, written, rel_tol=1e-4)
+    # exactly: each window's mean loss weighted by its scored tokens, minus 1 after the first
+    s = score_windows(trained(), ids, 128, 64)
+    sums = torch.zeros(s["n_windows"], dtype=torch.float64).index_add_(0, s["window"], s["loss"])
+    counts = torch.bincount(s["window"]).double()
+    weights = counts - (torch.arange(s["n_windows"]) > 0).double()
+    expected = math.exp(((sums / counts) * weights).sum().item() / weights.sum().item())
+    assert math.isclose(written, expected, rel_tol=1e-6)
+    assert math.isclose(right, math.exp(s["loss"].mean().item()), rel_tol=1e-6)
     # with stride == window every window's label 0 is valid: the guide's count is right
     same = evaluation.hf_guide_perplexity(hf_model(), ids, 128, 128, as_written=True)
     assert math.isclose(same, evaluation.hf_guide_perplexity(hf_model(), ids, 128, 128))
@@ -176,7 +184,7 @@ def test_encode_pair_moves_trailing_spaces_and_handles_an_empty_context():
 
 def requests(n_long: int = 3) -> list[tuple[str, str]]:
     text = " ".join(training.load_data.__doc__.split())
-    heldout = evaluation.prose_sentence_runs(__import__("tokenization").load_corpus()["heldout"])
+    heldout = evaluation.prose_paragraphs(__import__("tokenization").load_corpus()["heldout"])
     pairs = [
         ("The value is ", "returned"),  # trailing space moves
         ("The value is", " returned."),  # continuation starts with a space
@@ -185,8 +193,8 @@ def requests(n_long: int = 3) -> list[tuple[str, str]]:
         ("Assignments to", ' "__debug__" are illegal.'),
         (text, " tokenizer"),
     ]
-    for run in heldout[:n_long]:
-        pairs.append((" ".join(run[:-1]) * 3, " " + run[-1]))  # longer than 128: truncated
+    for words in sorted(heldout, key=len)[-n_long:]:  # the longest paragraphs
+        pairs.append((" ".join(words[:-2]) * 3, " " + " ".join(words[-2:])))  # > 128: truncated
     return pairs
 
 
@@ -213,7 +221,8 @@ def test_loglikelihood_equals_lm_eval_hflm():
     ours = [loglikelihood(trained(), data()["tok"], c, k) for c, k in reqs]
     assert any(len(encode_pair(data()["tok"], c, k)[0]) + 5 > 129 for c, k in reqs)
     for (ll, greedy_ok), (ref_ll, ref_greedy) in zip(ours, theirs, strict=True):
-        assert abs(ll - ref_ll) < 1e-4
+        # float32's resolution: lm-eval sums the log-probabilities in float32
+        assert math.isclose(ll, ref_ll, rel_tol=1e-6), (ll, ref_ll)
         assert greedy_ok == ref_greedy
     assert ours[-1][1], "the greedy continuation is not greedy"
 
@@ -244,6 +253,27 @@ def test_acc_and_acc_norm_equal_lm_eval_process_results():
         for metric in ("acc", "acc_norm", "acc_bytes"):
             assert ours[metric][i].item() == ref[metric], (metric, i)
     assert not torch.equal(ours["acc"], ours["acc_norm"])  # the two really differ here
+
+
+def test_choice_task_gold_is_the_real_next_words_and_distractors_come_from_elsewhere():
+    text = __import__("tokenization").load_corpus()["heldout"]
+    paras = [" ".join(p) for p in evaluation.prose_paragraphs(text)]
+    qs = evaluation.build_choice_task(text, 60, 4, 3, n_words=4)
+    assert qs == evaluation.build_choice_task(text, 60, 4, 3, n_words=4)  # fixed by the seed
+    golds = set()
+    for q in qs:
+        assert all(len(c.split()) == 4 for c in q["choices"]) and len(set(q["choices"])) == 4
+        gold = q["choices"][q["gold"]]
+        home = [p for p in paras if q["context"] + " " + gold in p]
+        assert home, "the gold choice does not follow its context"
+        others = [c for i, c in enumerate(q["choices"]) if i != q["gold"]]
+        assert all(any(c in p for p in paras) for c in others)
+        assert len(q["context"].split()) >= 8
+        golds.add((q["context"], gold))
+    assert len(golds) == 60
+    assert len({q["gold"] for q in qs}) == 4  # the gold is not always in one place
+    with pytest.raises(ValueError, match="n_questions"):
+        evaluation.build_choice_task(text, 10**5, 4, 0)
 
 
 def test_loglikelihood_tokens_truncates_from_the_left_like_a_shorter_context():
@@ -442,17 +472,18 @@ def test_quick_run_writes_the_report_card_parities_and_figures(run_main):
         assert row["perplexity"] > 1 and row["bits_per_byte"] > 0 and 0 <= row["ece"] <= 1
         assert 0 <= row["acc"]["low"] <= row["acc"]["mean"] <= row["acc"]["high"] <= 1
         assert 0 <= row["bleu"] <= 100 and 0 <= row["rouge_l"] <= 1
-    assert r["references"]["perplexity"]["abs_err"] < 1e-6 * r["references"]["perplexity"]["ours"]
     assert r["references"]["bleu"]["abs_err"] < 1e-9
-    assert "--quick" in r["references"]["rouge_l"] and "--quick" in r["references"]["lm_eval"]
+    for slow in ("perplexity", "rouge_l", "lm_eval"):  # the tests above check these
+        assert "--quick" in r["references"][slow]
     assert set(r["comparisons"]) == {
         f"{a}_minus_{b}_{m}"
         for a, b in evaluation.CARD_PAIRS
         for m in evaluation.CARD_HIGHER_IS_BETTER
     }
     assert "training.train" in r["model"]["source"]
-    assert {"perplexity_equals_transformers", "pass_at_k_unbiased"} <= r["claims"].keys()
-    assert r["claims"]["perplexity_equals_transformers"]["held"]
+    assert r["claims"]["bleu_equals_sacrebleu"]["held"]
+    assert r["claims"]["pass_at_k_unbiased"]["held"]
+    assert r["meta"]["device"] == "cpu"
     names = {p.name for p in run.pngs}
     assert names == {
         f"{n}.png" for n in ("perplexity_vs_stride", "loss_by_position", "reliability", "accuracy")
