@@ -23,7 +23,10 @@ The idea
    boundary: trailing spaces move from the context to the continuation, context + continuation
    is encoded whole and split after the context's tokens, an empty context becomes one prefix
    token, an input too long loses tokens on the left. Multiple choice picks the choice of
-   highest log-likelihood (``acc``) or of highest log-likelihood per character (``acc_norm``).
+   highest log-likelihood (``acc``) or of highest log-likelihood per character (``acc_norm``);
+   the task here: after a few dozen words of held-out prose, are the next 4 words the real
+   ones or 4 words from another paragraph? (Every choice has 4 words, so acc cannot win by
+   picking the choice with fewer words, but characters and tokens still differ.)
 4. Noise: a bootstrap over the questions gives each accuracy a 95% interval; a *paired*
    bootstrap of the difference between two models on the same questions says whether they
    differ at all. Perplexity is resampled by window (neighbouring tokens are not independent),
@@ -77,7 +80,7 @@ counts, prints the report card with intervals and the parities, and saves the fi
 References
 ----------
 - Hugging Face, "Perplexity of fixed-length models" (transformers docs, ``perplexity.md``):
-  GPT-2 large on WikiText-2, 19.44 at stride 1024, 16.45 at stride 512.
+  GPT-2 large on WikiText-2, 19.44 at stride 1024, 16.44 at stride 512.
 - Gao et al., "The Language Model Evaluation Harness", 2024, arXiv 2405.14782; reference code
   EleutherAI/lm-evaluation-harness ``lm_eval/api/model.py`` (``_encode_pair``,
   ``loglikelihood``), ``lm_eval/models/huggingface.py`` (``_loglikelihood_tokens``),
@@ -103,7 +106,7 @@ Contents
    the shared ``_check_sizes``, ``_check_positive``), ``NgramLM`` (unigram and bigram counts
    with a model's interface), ``fast_tokenizer_from_ranks`` (a transformers tokenizer from our
    ranks, for lm-eval), ``untrained_like``, ``continue_ids``, and the tasks built from the
-   text: ``prose_sentence_runs``, ``build_choice_task``, ``generation_prompts``,
+   text: ``prose_paragraphs``, ``build_choice_task``, ``generation_prompts``,
    ``phrase_task``.
 4. Experiments: ``claim``, ``print_claims``, ``hf_guide_perplexity``, ``check_references``,
    ``check_lm_eval``, ``PASS_AT_K_CASES``, ``check_pass_at_k``, ``evaluate_card_model``,
@@ -906,7 +909,12 @@ def evaluate_card_model(
 
 
 CARD_MODELS = ("trained", "untrained", "unigram", "bigram")
-CARD_PAIRS = (("trained", "untrained"), ("trained", "bigram"), ("trained", "unigram"))
+CARD_PAIRS = (
+    ("trained", "untrained"),
+    ("trained", "bigram"),
+    ("trained", "unigram"),
+    ("bigram", "untrained"),
+)
 CARD_HIGHER_IS_BETTER = {
     "acc": True,
     "acc_norm": True,
@@ -1053,13 +1061,17 @@ def position_title(by_position: dict) -> str:
 
 
 def accuracy_title(comparisons: dict, n_questions: int) -> str:
-    """The accuracy figure's message: which paired differences stand out of the noise."""
-    d = comparisons["trained_minus_untrained_acc"]
-    where = "inside" if d["inside_noise"] else "outside"
-    return (
-        f"{n_questions} questions: trained - untrained acc {100 * d['mean']:+.1f} points "
-        f"(95% paired interval {100 * d['low']:+.1f} to {100 * d['high']:+.1f}: {where} the noise)"
-    )
+    """The accuracy figure's message: the trained model's acc against the untrained model's and
+    the bigram's, and whether each paired difference stands out of the noise."""
+    parts = []
+    for other in ("untrained", "bigram"):
+        d = comparisons[f"trained_minus_{other}_acc"]
+        where = "inside" if d["inside_noise"] else "outside"
+        parts.append(
+            f"trained - {other} {100 * d['mean']:+.1f} points [{100 * d['low']:+.1f}, "
+            f"{100 * d['high']:+.1f}]: {where} the noise"
+        )
+    return f"acc on {n_questions} questions, 95% paired intervals: " + ";\n".join(parts)
 
 
 def difference_phrase(d: dict) -> str:
@@ -1088,11 +1100,17 @@ def reading_phrases(results: dict) -> dict:
     if len(holds) == len(card):
         chance = (
             f"every model's acc interval holds chance ({100 / n:.0f}%): this small test cannot "
-            "tell the real next sentence from the others for any of them"
+            "tell the real next words from the others for any of them"
         )
     else:
         above = [CARD_LABELS[m] for m in card if card[m]["acc"]["low"] > 1 / n]
-        chance = f"acc intervals above chance ({100 / n:.0f}%): {', '.join(above) or 'none'}"
+        below = [CARD_LABELS[m] for m in card if card[m]["acc"]["high"] < 1 / n]
+        chance = f"the acc intervals of {' and '.join(above) or 'no model'} lie above chance"
+        chance += f" ({100 / n:.0f}%)"
+        if holds:
+            chance += f", those of {' and '.join(CARD_LABELS[m] for m in holds)} hold it"
+        if below:
+            chance += f", those of {' and '.join(below)} lie below it"
     t, b = card["trained"]["perplexity_interval"], card["bigram"]["perplexity_interval"]
     d = results["comparisons"]["trained_minus_bigram_loss"]
     overlap = t[0] <= b[1] and b[0] <= t[1]
@@ -1232,7 +1250,7 @@ def plot_perplexity_vs_stride(sweep: dict, title: str) -> plt.Figure:
 def plot_loss_by_position(by_position: dict, flat: dict, title: str) -> plt.Figure:
     """Mean loss against the number of tokens the model saw before the target; the n-gram
     scorers' losses (which ignore context beyond one token) as flat references."""
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 5.2))
     ctx, loss, width = by_position["context"], by_position["loss"], 8
     ax.plot(
         ctx,
@@ -1261,7 +1279,7 @@ def plot_loss_by_position(by_position: dict, flat: dict, title: str) -> plt.Figu
     ax.set_xlabel("tokens of context before the target (its position in a non-overlapping window)")
     ax.set_ylabel("mean loss (nats per token)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig
@@ -1337,7 +1355,8 @@ def plot_accuracy(card: dict, n_choices: int, title: str) -> plt.Figure:
     ax.plot([], [], "ks", mfc="white", label="acc_norm (open)")
     ax.set_xticks(range(len(card)), [CARD_LABELS[n] for n in card], fontsize=8)
     ax.set_ylabel("accuracy, % (bars: 95% bootstrap interval)")
-    ax.set_ylim(0, 100)
+    top = max(card[n][m]["high"] for n in card for m in ("acc", "acc_norm"))
+    ax.set_ylim(0, min(100, 100 * top + 15))
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8, loc="upper right")
     ax.set_title(title, fontsize=9)

@@ -459,9 +459,12 @@ def test_titles_follow_the_numbers():
     pos["loss"] = [4.0] * 4 + [5.0] * 16
     assert "does not fall" in evaluation.position_title(pos)
     d = {"mean": 0.05, "low": -0.01, "high": 0.11, "inside_noise": True}
-    assert "inside the noise" in evaluation.accuracy_title({"trained_minus_untrained_acc": d}, 50)
-    d.update(low=0.01, inside_noise=False)
-    assert "outside the noise" in evaluation.accuracy_title({"trained_minus_untrained_acc": d}, 50)
+    e = {"mean": 0.12, "low": 0.02, "high": 0.2, "inside_noise": False}
+    title = evaluation.accuracy_title(
+        {"trained_minus_untrained_acc": e, "trained_minus_bigram_acc": d}, 50
+    )
+    assert "trained - untrained +12.0 points [+2.0, +20.0]: outside the noise" in title
+    assert "trained - bigram +5.0 points [-1.0, +11.0]: inside the noise" in title
 
 
 def test_quick_run_writes_the_report_card_parities_and_figures(run_main):
@@ -595,7 +598,8 @@ def test_reading_phrases_follow_the_numbers():
     card["trained"] = {**row, "acc": {"low": 0.3, "high": 0.5}, "perplexity_interval": [100, 120]}
     d.update(low=-0.1, high=0.1, inside_noise=True)
     p = evaluation.reading_phrases(results)
-    assert p["chance_phrase"].endswith("trained Llama")
+    assert p["chance_phrase"].startswith("the acc intervals of trained Llama lie above chance")
+    assert p["chance_phrase"].endswith("bigram counts hold it")
     assert "do not overlap" in p["paired_phrase"] and "holds 0" in p["paired_phrase"]
     assert "acc picked the shortest choice in 70%" in p["length_phrase"]
 
