@@ -1230,7 +1230,7 @@ def plot_perplexity_vs_stride(sweep: dict, title: str) -> plt.Figure:
             (r["stride"], r["perplexity"]),
             fontsize=7,
             textcoords="offset points",
-            xytext=(4, -12),
+            xytext=(5, 5),
         )
     ax.set_xscale("log", base=2)
     ax.set_xticks(strides, [str(s) for s in strides])
