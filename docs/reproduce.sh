@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts=(
     kv_caching positional_embeddings swiglu grouped_query_attention multihead_latent_attention
-    flash_attention tokenization training quantization distributed_training
+    flash_attention tokenization training evaluation quantization distributed_training
 )
 if (($# > 0)); then
     for name in "$@"; do

@@ -35,6 +35,7 @@ SCRIPTS = [
     "flash_attention",
     "tokenization",
     "training",
+    "evaluation",
     "quantization",
     "distributed_training",
 ]
@@ -48,6 +49,7 @@ HEADLINE = {
     "flash_attention": "flash_attention_forward",
     "tokenization": "BPETokenizer",
     "training": "Llama",
+    "evaluation": "perplexity",
     "quantization": "QuantizedLinear",
     "distributed_training": "ring_all_reduce",
 }
