@@ -1487,7 +1487,9 @@ def quantization_figures(model: nn.Module, models: dict, weights: dict, results:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    device = resolve_device(args.device)  # quantized kernels here are CPU ones
+    if resolve_device(args.device).type != "cpu":
+        print(f"--device {args.device}: quantization.py computes on the CPU (its int8 kernels)")
+    device = torch.device("cpu")  # the quantized kernels measured here are CPU ones
     torch.set_num_threads(1)
     cfg = SIZES["quick" if args.quick else "default"]
     results: dict = {"meta": run_meta(args, device)}

@@ -965,10 +965,11 @@ def ngram_baselines(train_ids: torch.Tensor, windows: torch.Tensor, vocab_size: 
     counts = torch.bincount(pair, minlength=vocab_size * vocab_size).double()
     counts = counts.view(vocab_size, vocab_size)  # (previous token, next token)
     prev, nxt = windows[:, :-1].flatten(), windows[:, 1:].flatten()
+    row_totals = counts.sum(-1)  # c(a): how often each token is followed by any token
     unigram = -p_uni[nxt].log().mean().item()
     bigram = {}
     for alpha in (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0):
-        p = (counts[prev, nxt] + alpha * p_uni[nxt]) / (counts[prev].sum(-1) + alpha)
+        p = (counts[prev, nxt] + alpha * p_uni[nxt]) / (row_totals[prev] + alpha)
         bigram[alpha] = -p.log().mean().item()
     best = min(bigram, key=bigram.get)
     return {"unigram": unigram, "bigram": bigram[best], "bigram_alpha": best}

@@ -99,21 +99,21 @@ def test_measured_comparisons_take_their_direction_from_the_results():
     template = (DOCS / "README.template.md").read_text()
     fixed = []
     for sentence in _sentences(template):
-        measured = [
-            m for m in PLACEHOLDER.finditer(sentence) if not EXACT_KEYS.search(m.group(2))
-        ]
+        measured = [m for m in PLACEHOLDER.finditer(sentence) if not EXACT_KEYS.search(m.group(2))]
         if not measured or any(WORDING_KEYS.search(m.group(2)) for m in measured):
             continue
         # A comparative word within three words of a measured number states its direction.
-        marked = DEFINITIONS.sub(" ", PLACEHOLDER.sub(
-            lambda m: " MEASURED " if not EXACT_KEYS.search(m.group(2)) else " EXACT ", sentence
-        ))
+        marked = DEFINITIONS.sub(
+            " ",
+            PLACEHOLDER.sub(
+                lambda m: " MEASURED " if not EXACT_KEYS.search(m.group(2)) else " EXACT ", sentence
+            ),
+        )
         words = re.findall(r"[\w*-]+", marked)
         near = [
             w
             for i, w in enumerate(words)
-            if COMPARATIVE.fullmatch(w.strip("*"))
-            and "MEASURED" in words[max(0, i - 3) : i + 4]
+            if COMPARATIVE.fullmatch(w.strip("*")) and "MEASURED" in words[max(0, i - 3) : i + 4]
         ]
         if near:
             fixed.append(f"{near}: {sentence[:160]}")
