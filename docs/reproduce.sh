@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts=(
     kv_caching positional_embeddings swiglu grouped_query_attention multihead_latent_attention
-    flash_attention tokenization training quantization
+    flash_attention tokenization training quantization fine_tuning
 )
 quick_out=$(mktemp -d)
 trap 'rm -rf "$quick_out"' EXIT

@@ -36,6 +36,7 @@ SCRIPTS = [
     "tokenization",
     "training",
     "quantization",
+    "fine_tuning",
 ]
 SHARED_FLAGS = ["--quick", "--out", "--no-show", "--device", "--seed"]
 HEADLINE = {
@@ -48,6 +49,7 @@ HEADLINE = {
     "tokenization": "BPETokenizer",
     "training": "Llama",
     "quantization": "QuantizedLinear",
+    "fine_tuning": "LoRALinear",
 }
 SECTIONS = ["Core", "Baselines and apparatus", "Experiments", "Figures", "Main", "Plumbing"]
 BANNER = re.compile(r"^# (\d)\. ([A-Z][a-z]+(?: [a-z]+)*)", flags=re.MULTILINE)

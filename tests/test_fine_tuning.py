@@ -1,0 +1,245 @@
+"""Tests for fine_tuning.py: LoRA, QLoRA and prefix tuning against peft (and bitsandbytes), the
+merge rules, which parameters train, the adapter both ways, each bad-input rule, the memory
+accounting, the claims' wording, and the --quick run."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fine_tuning
+from fine_tuning import (
+    LORA_TARGETS,
+    KVPrefix,
+    LoRALinear,
+    PrefixTunedLlama,
+    apply_lora,
+    from_peft_state_dict,
+    load_lora_state_dict,
+    lora_layers,
+    lora_state_dict,
+    merge_and_unload,
+    tiny_config,
+    twin_models,
+)
+from quantization import QuantizedLinear
+
+ALL = list(LORA_TARGETS["all_linear"])
+
+
+@functools.cache
+def peft():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = fine_tuning.peft_modules()
+    if module is None:
+        pytest.skip("peft (dev group) is not installed")
+    return module
+
+
+def ids(cfg, seed=0, shape=(2, 12)):
+    return torch.randint(cfg.vocab_size, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def trained_lora(model, seed=0):
+    """Give every LoRA B a nonzero value, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.05)
+    return model
+
+
+# ------------------------------------------------------------------------------ the core
+
+
+def test_new_adapter_changes_nothing_and_scaling():
+    base = nn.Linear(64, 48, bias=True)
+    layer = LoRALinear(copy.deepcopy(base), r=8, alpha=16)
+    x = torch.randn(3, 5, 64)
+    assert torch.equal(layer(x), base(x))
+    assert layer.scaling == 2.0
+    assert LoRALinear(copy.deepcopy(base), r=16, alpha=8, use_rslora=True).scaling == 2.0
+    assert (
+        layer.n_trainable
+        == 8 * (64 + 48)
+        == sum(p.numel() for p in layer.parameters() if p.requires_grad)
+    )
+    # A is nn.Linear's Kaiming-uniform (a = sqrt(5)): bound 1 / sqrt(in_features)
+    assert layer.lora_A.weight.abs().max() <= 1 / 64**0.5
+    assert layer.lora_A.weight.abs().max() > 0.8 / 64**0.5
+
+
+def test_forward_is_formula_1():
+    layer = trained_lora(apply_lora(nn.Sequential(nn.Linear(32, 16)), ["0"], 4, 6.0))[0]
+    x = torch.randn(7, 32)
+    want = layer.base_layer(x) + 1.5 * x @ layer.lora_A.weight.T @ layer.lora_B.weight.T
+    torch.testing.assert_close(layer(x), want)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    r=st.integers(1, 12),
+    alpha=st.floats(0.5, 64),
+    rslora=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_merge_unmerge_round_trip(r, alpha, rslora, seed):
+    torch.manual_seed(seed)
+    layer = LoRALinear(nn.Linear(24, 20), r, alpha, use_rslora=rslora)
+    nn.init.normal_(layer.lora_B.weight, std=0.1)
+    w0 = layer.base_layer.weight.clone()
+    x = torch.randn(4, 24)
+    before = layer(x)
+    layer.merge()
+    torch.testing.assert_close(layer(x), before, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.base_layer.weight, w0 + layer.delta_weight())
+    layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, w0, atol=1e-6, rtol=0)
+    torch.testing.assert_close(layer(x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_merging_twice_or_unmerging_unmerged_raises():
+    layer = LoRALinear(nn.Linear(8, 8), 2, 4)
+    with pytest.raises(ValueError, match="unmerge"):
+        layer.unmerge()
+    layer.merge()
+    with pytest.raises(ValueError, match="merge"):
+        layer.merge()
+
+
+def test_qlora_merge_requantizes():
+    """Over an NF4 base the merged weight is NF4 again: the merged model differs from the
+    unmerged one by that rounding (it is no longer W_hat + s B A exactly)."""
+    torch.manual_seed(0)
+    layer = LoRALinear(QuantizedLinear.from_linear(nn.Linear(128, 64), "nf4_dq"), 4, 8)
+    nn.init.normal_(layer.lora_B.weight, std=0.05)
+    exact = layer.base_layer.weight + layer.delta_weight()
+    layer.merge()
+    err = (layer.base_layer.weight - exact).abs().max().item()
+    assert 0 < err < 0.2 * exact.abs().max().item()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"r": 0}, "r"),
+        ({"alpha": 0.0}, "alpha"),
+        ({"alpha": -1.0}, "alpha"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"dropout": -0.1}, "dropout"),
+    ],
+)
+def test_bad_lora_arguments_raise(kwargs, match):
+    args = {"r": 4, "alpha": 8.0, "dropout": 0.0} | kwargs
+    with pytest.raises(ValueError, match=match):
+        LoRALinear(nn.Linear(8, 8), **args)
+    with pytest.raises(ValueError, match=match):
+        apply_lora(nn.Sequential(nn.Linear(8, 8)), ["0"], **args)
+
+
+def test_bad_types_raise():
+    with pytest.raises(TypeError, match="base_layer"):
+        LoRALinear(nn.Conv1d(4, 4, 1), 2, 4)
+    with pytest.raises(TypeError, match="r"):
+        LoRALinear(nn.Linear(4, 4), 2.0, 4)
+    with pytest.raises(TypeError, match="target_modules"):
+        apply_lora(nn.Sequential(nn.Linear(8, 8)), "0", 2, 4)
+
+
+def test_unknown_target_module_names_what_exists():
+    _, ours = twin_models(tiny_config(), 0)
+    with pytest.raises(ValueError, match=r"target_modules: 'qkv_proj'.*q_proj"):
+        apply_lora(ours, ["q_proj", "qkv_proj"], 4, 8)
+
+
+def test_only_lora_parameters_get_gradients_and_base_stays_frozen():
+    cfg = tiny_config()
+    _, ours = twin_models(cfg, 0)
+    model = apply_lora(copy.deepcopy(ours), LORA_TARGETS["attention"], 2, 4)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        model(ids(cfg)).logsumexp(-1).mean().backward()
+        with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+        opt.step()
+        opt.zero_grad()
+    assert with_grad == {n for n in dict(model.named_parameters()) if ".lora_" in n}
+    assert all(".self_attn." in n for n in with_grad) and len(with_grad) == 2 * 4 * cfg.n_layers
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(
+            [v for k, v in after.items() if "lora_B" in k],
+            [torch.zeros_like(v) for k, v in after.items() if "lora_B" in k],
+            strict=True,
+        )
+    )
+
+
+def test_state_dict_keys_are_peft_keys():
+    _, ours = twin_models(tiny_config(), 0)
+    model = apply_lora(copy.deepcopy(ours), ["q_proj"], 2, 4)
+    keys = set(model.state_dict())
+    assert "model.layers.0.self_attn.q_proj.base_layer.weight" in keys
+    assert "model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    adapter = lora_state_dict(model)
+    assert "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight" in adapter
+    assert len(adapter) == 2 * 2
+    merged = merge_and_unload(copy.deepcopy(model))
+    assert set(merged.state_dict()) == set(ours.state_dict())
+    with pytest.raises(ValueError, match="missing"):
+        load_lora_state_dict(model, dict(list(adapter.items())[:-1]))
+    assert from_peft_state_dict({"base_model.model.a.lora_A.default.weight": 1}) == {
+        "a.lora_A.weight": 1
+    }
+
+
+def test_prefix_gradient_flows_through_the_cache_and_positions_follow_it():
+    cfg = tiny_config(2)
+    _, ours = twin_models(cfg, 0)
+    prefix = KVPrefix(cfg, 3)
+    model = PrefixTunedLlama(copy.deepcopy(ours), prefix)
+    x = ids(cfg)
+    model(x).logsumexp(-1).mean().backward()
+    assert prefix.embedding.weight.grad is not None and prefix.embedding.weight.grad.norm() > 0
+    assert all(p.grad is None for p in model.model.parameters())
+    # greedy decoding with the cache equals argmax of the full forward, step by step
+    out = model.generate(x[:, :5], 4)
+    full = model(out[:, :-1]).argmax(-1)[:, 4:]
+    assert torch.equal(out[:, 5:], full)
+
+
+def test_bad_prefix_arguments_raise():
+    cfg = tiny_config(2)
+    with pytest.raises(ValueError, match="num_virtual_tokens"):
+        KVPrefix(cfg, 0)
+    with pytest.raises(ValueError, match="num_virtual_tokens"):
+        KVPrefix(cfg, cfg.max_seq_len)
+
+
+# ------------------------------------------------------------------------------ the --quick run
+
+
+def test_quick_run_writes_the_table_and_figures(run_main):
+    run = run_main(fine_tuning)
+    r = run.results
+    assert set(r["table"]) == set(fine_tuning.METHODS)
+    for row in r["table"].values():
+        assert 0 <= row["accuracy_before"] <= 1 and 0 <= row["accuracy_after"] <= 1
+        assert row["memory"]["exact"]
+        assert row["trainable"] > 0
+    assert "skipped" in r["parity"]
+    assert {"task", "step_time", "spectra", "own_checks", "claims"} <= r.keys()
+    assert {p.name for p in run.pngs} == {
+        f"{n}.png" for n in ("loss_curves", "accuracy_vs_params", "memory", "delta_w_spectra")
+    }
+    assert "[6/6] drawing figures ..." in run.stdout
