@@ -81,16 +81,20 @@ Contents
    ``from_peft_state_dict``, ``qlora_model`` (6), ``KVPrefix`` and ``PrefixTunedLlama`` (7).
 3. Baselines and apparatus: the door checks (``_check_lora_args``, ``_check_targets``,
    ``_check_prefix_args`` and the shared ``_check_sizes``, ``_check_positive``,
-   ``_check_float_tensor``), ``trainable_parameters``, ``REVERSE_WORDS``, ``reversal_task``,
-   ``task_batch``, ``exact_match``, ``METHODS``, ``build_method``, ``finetune``,
-   ``training_memory``, the peft adapters (``peft_modules``, ``tiny_config``,
-   ``save_peft_adapter``, ``qlora_from_bitsandbytes``).
+   ``_check_float_tensor``), ``trainable_parameters``; the task (``REVERSE_WORDS``,
+   ``reversal_task``, ``task_batch``, ``reversal_accuracy``); the methods
+   (``TUNING_METHODS``, ``LORA_ALPHA_PER_R``, ``tuning_label``, ``build_tuned_model``,
+   ``finetune_method``, ``train_step_memory`` (9)); the references (``peft_modules``,
+   ``parity_llama_config``, ``hf_and_our_llama``, ``save_peft_adapter``,
+   ``qlora_from_bitsandbytes``).
 4. Experiments: ``claim``, ``print_claims``, ``check_peft_parity``, ``check_qlora_parity``,
-   ``check_prefix_parity``, ``check_own_rules``, ``compare_methods``, ``benchmark_steps``,
-   ``delta_w_spectra`` (8), ``gap_phrase``, ``accuracy_title``, ``fine_tuning_claims``.
-5. Figures: ``COLOURS``, ``plot_loss_curves``, ``plot_accuracy_vs_params``, ``plot_memory``,
-   ``plot_delta_w_spectra``.
-6. Main: ``SIZES``, ``parse_args``, the ``print_*`` helpers, ``fine_tuning_figures``, ``main``.
+   ``check_prefix_parity``, ``check_own_rules``, ``compare_fine_tuning``,
+   ``benchmark_train_steps``, ``delta_w_spectra`` (8), ``accuracy_gap_phrase``,
+   ``accuracy_title``, ``fine_tuning_claims``.
+5. Figures: ``METHOD_COLOURS``, ``MEMORY_PARTS``, ``plot_loss_curves``,
+   ``plot_accuracy_vs_params``, ``plot_memory``, ``plot_delta_w_spectra``.
+6. Main: ``SIZES``, ``parse_args``, the ``print_*`` helpers, ``run_peft_parity``,
+   ``fine_tuning_figures``, ``main``.
 7. Plumbing (identical in every script).
 
 Read first: ``LoRALinear`` (the whole of LoRA in its forward and ``merge``), ``apply_lora``,
@@ -541,7 +545,7 @@ def task_batch(task: dict, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 @torch.no_grad()
-def exact_match(model: nn.Module, task: dict, split: str = "test", batch_size: int = 256):
+def reversal_accuracy(model: nn.Module, task: dict, split: str = "test", batch_size: int = 256):
     """The fraction of ``split``'s prompts whose greedy continuation is exactly the answer."""
     was_training = model.training
     model.eval()
@@ -557,7 +561,7 @@ def exact_match(model: nn.Module, task: dict, split: str = "test", batch_size: i
 
 # --- the methods compared, and how each is trained
 
-METHODS = {  # name -> how the model is adapted
+TUNING_METHODS = {  # name -> how the model is adapted
     "full": {"kind": "full"},
     "lora_r1_attn": {"kind": "lora", "r": 1, "targets": "attention"},
     "lora_r1_all": {"kind": "lora", "r": 1, "targets": "all_linear"},
@@ -573,8 +577,8 @@ METHODS = {  # name -> how the model is adapted
 LORA_ALPHA_PER_R = 2.0  # alpha = 2 r: scaling 2 at every rank (peft's defaults r 8, alpha 16)
 
 
-def method_label(name: str) -> str:
-    spec = METHODS[name]
+def tuning_label(name: str) -> str:
+    spec = TUNING_METHODS[name]
     if spec["kind"] == "full":
         return "full fine-tuning"
     if spec["kind"] == "prefix":
@@ -583,9 +587,9 @@ def method_label(name: str) -> str:
     return f"{'QLoRA' if spec['kind'] == 'qlora' else 'LoRA'} r={spec['r']} {where}"
 
 
-def build_method(base: training.Llama, name: str, seed: int) -> nn.Module:
-    """A copy of ``base`` adapted as ``METHODS[name]`` says, its new weights seeded."""
-    spec = METHODS[name]
+def build_tuned_model(base: training.Llama, name: str, seed: int) -> nn.Module:
+    """A copy of ``base`` adapted as ``TUNING_METHODS[name]`` says, its new weights seeded."""
+    spec = TUNING_METHODS[name]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = copy.deepcopy(base)
@@ -599,12 +603,14 @@ def build_method(base: training.Llama, name: str, seed: int) -> nn.Module:
         return make(model, targets, r, LORA_ALPHA_PER_R * r)
 
 
-def _task_loss(model: nn.Module, batch) -> torch.Tensor:
+def _reversal_loss(model: nn.Module, batch) -> torch.Tensor:
     loss_sum, count = training.token_loss_sum(model(batch[0]), batch[1])
     return loss_sum / count
 
 
-def finetune(model: nn.Module, task: dict, steps: int, lr: float, batch_size: int, seed: int):
+def finetune_method(
+    model: nn.Module, task: dict, steps: int, lr: float, batch_size: int, seed: int
+):
     """AdamW (torch.optim, no weight decay) on the trainable parameters, on random batches of
     the task's train split, ``lr`` after a linear warm-up of steps / 10, loss on the answer
     tokens only. Returns the per-step losses and the optimizer (its state is measured)."""
@@ -618,7 +624,7 @@ def finetune(model: nn.Module, task: dict, steps: int, lr: float, batch_size: in
     model.train()
     for _ in range(steps):
         idx = train_idx[torch.randint(len(train_idx), (batch_size,), generator=gen)]
-        loss = _task_loss(model, task_batch(task, idx))
+        loss = _reversal_loss(model, task_batch(task, idx))
         loss.backward()
         opt.step()
         sched.step()
@@ -628,7 +634,7 @@ def finetune(model: nn.Module, task: dict, steps: int, lr: float, batch_size: in
     return losses, opt
 
 
-def _storage_bytes(tensors) -> int:
+def _distinct_storage_bytes(tensors) -> int:
     """Bytes of the distinct storages behind ``tensors`` (a tied weight counts once)."""
     seen = {}
     for t in tensors:
@@ -636,18 +642,18 @@ def _storage_bytes(tensors) -> int:
     return sum(seen.values())
 
 
-def training_memory(model: nn.Module, opt: torch.optim.Optimizer, batch) -> dict:
+def train_step_memory(model: nn.Module, opt: torch.optim.Optimizer, batch) -> dict:
     """The bytes one training step holds, measured from the real tensors: the model's weights
     and buffers (frozen ones and NF4 codes included), the gradients, AdamW's state (from
     ``opt.state``: m, v and a step count per tensor) and the activations autograd saves for
     backward (``training.SavedTensorBytes``: under QLoRA the dequantized weights are among
     them, held from forward to backward). Next to the formula (9) for the optimizer."""
     with training.SavedTensorBytes(model) as saved:
-        loss = _task_loss(model, batch)
+        loss = _reversal_loss(model, batch)
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     measured = {
-        "weights": _storage_bytes([*model.parameters(), *model.buffers()]),
+        "weights": _distinct_storage_bytes([*model.parameters(), *model.buffers()]),
         "gradients": sum(g.numel() * g.element_size() for g in grads),
         "optimizer": sum(
             t.numel() * t.element_size()
@@ -686,7 +692,7 @@ def peft_modules():
     return peft
 
 
-def tiny_config(n_kv_heads: int = 2) -> training.ModelConfig:
+def parity_llama_config(n_kv_heads: int = 2) -> training.ModelConfig:
     """A small Llama for the parity checks (widths multiples of NF4's block of 64)."""
     return training.ModelConfig(
         vocab_size=128,
@@ -699,7 +705,7 @@ def tiny_config(n_kv_heads: int = 2) -> training.ModelConfig:
     )
 
 
-def twin_models(cfg: training.ModelConfig, seed: int) -> tuple:
+def hf_and_our_llama(cfg: training.ModelConfig, seed: int) -> tuple:
     """A random transformers ``LlamaForCausalLM`` and our ``training.Llama`` with its weights."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -774,7 +780,7 @@ def print_claims(claims: dict) -> None:
         print(f"  [{'held' if c['held'] else 'not shown by this run'}] {c['statement']}")
 
 
-def _ids(cfg: training.ModelConfig, seed: int, shape=(2, 12)) -> torch.Tensor:
+def _parity_ids(cfg: training.ModelConfig, seed: int, shape=(2, 12)) -> torch.Tensor:
     return torch.randint(cfg.vocab_size, shape, generator=torch.Generator().manual_seed(seed))
 
 
@@ -786,10 +792,10 @@ def check_peft_parity(peft, seed: int, r: int = 4, alpha: float = 8.0) -> dict:
     merged weights vs ``merge_and_unload``; then the adapter both ways (ours saved as a peft
     folder and loaded by ``PeftModel.from_pretrained``; peft's ``get_peft_model_state_dict``
     loaded into ours), for LoRA's scaling (2) and rsLoRA's (3)."""
-    cfg = tiny_config(2)
-    hf, ours = twin_models(cfg, seed)
+    cfg = parity_llama_config(2)
+    hf, ours = hf_and_our_llama(cfg, seed)
     targets = list(LORA_TARGETS["all_linear"])
-    ids = _ids(cfg, seed)
+    ids = _parity_ids(cfg, seed)
     out: dict = {"config": {"r": r, "alpha": alpha, "targets": targets}}
     for use_rslora in (False, True):
         with torch.random.fork_rng(devices=[]):
@@ -838,8 +844,8 @@ def check_qlora_parity(peft, seed: int, r: int = 4, alpha: float = 8.0) -> dict:
     double-quantized absmax codes differ."""
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
-    cfg = tiny_config(2)
-    hf, ours = twin_models(cfg, seed)
+    cfg = parity_llama_config(2)
+    hf, ours = hf_and_our_llama(cfg, seed)
     bnb_config = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -864,8 +870,14 @@ def check_qlora_parity(peft, seed: int, r: int = 4, alpha: float = 8.0) -> dict:
     load_lora_state_dict(mine, adapter)
     own = qlora_model(ours, targets, r, alpha)
     load_lora_state_dict(own, adapter)
-    ids = _ids(cfg, seed)
-    want = ref(input_ids=ids).logits
+    ids = _parity_ids(cfg, seed)
+    # bitsandbytes' layer in training mode: dequantize, then the matmul in the compute dtype.
+    # In eval mode with an input that needs no gradient, on a CPU with AVX512-BF16, it instead
+    # repacks its weight (in place, once) and runs a kernel that casts the input and the
+    # absmax to bf16 whatever the compute dtype: compared last, as what bf16 costs.
+    want = ref.train()(input_ids=ids).logits
+    ours_logits = mine(ids)
+    bf16_kernel = ref.eval()(input_ids=ids).logits
     packed = [
         torch.equal(a.packed, b.packed)
         for a, b in zip(
@@ -878,8 +890,9 @@ def check_qlora_parity(peft, seed: int, r: int = 4, alpha: float = 8.0) -> dict:
     ref_codes = torch.cat([m.base_layer.absmax_codes for m in lora_layers(mine).values()])
     return {
         "compute_dtype": "float32",
-        "logits_max_err": max_abs_err(mine(ids), want),
+        "logits_max_err": max_abs_err(ours_logits, want),
         "own_quantization_logits_max_err": max_abs_err(own(ids), want),
+        "bitsandbytes_cpu_inference_kernel_max_err": max_abs_err(ours_logits, bf16_kernel),
         "packed_identical_layers": sum(packed),
         "layers": len(packed),
         "absmax_codes_agree": (codes == ref_codes).float().mean().item(),
@@ -895,9 +908,9 @@ def check_prefix_parity(peft, seed: int, num_virtual_tokens: int = 5) -> dict:
     multi-head (n_kv_heads = n_heads = 4) and grouped-query (n_kv_heads = 2) attention."""
     out = {}
     for n_kv in (4, 2):
-        cfg = tiny_config(n_kv)
-        hf, ours = twin_models(cfg, seed)
-        ids = _ids(cfg, seed)
+        cfg = parity_llama_config(n_kv)
+        hf, ours = hf_and_our_llama(cfg, seed)
+        ids = _parity_ids(cfg, seed)
         for projection in (False, True):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
@@ -934,9 +947,9 @@ def check_own_rules(seed: int) -> dict:
     layer's output equals the unmerged one's, a merge over an NF4 base is quantized again and
     differs by that rounding (peft #1043, #2321), and the prefix's gradient flows through the
     KV-cache write."""
-    cfg = tiny_config(2)
-    _, ours = twin_models(cfg, seed)
-    ids = _ids(cfg, seed)
+    cfg = parity_llama_config(2)
+    _, ours = hf_and_our_llama(cfg, seed)
+    ids = _parity_ids(cfg, seed)
     out = {}
     for kind, make in (("lora", apply_lora), ("qlora", qlora_model)):
         model = make(copy.deepcopy(ours), list(LORA_TARGETS["all_linear"]), 4, 8.0)
@@ -969,43 +982,44 @@ def check_own_rules(seed: int) -> dict:
     return out
 
 
-def compare_methods(
+def compare_fine_tuning(
     base: training.Llama, task: dict, windows: torch.Tensor, sizes: dict, seed: int
 ):
-    """Every method of ``METHODS`` from the same base model, the same batches (same seed) and
+    """Every method of ``TUNING_METHODS`` from the same base model, the same batches (same seed) and
     steps: exact-match accuracy on the held-out word lists before and after, the validation
     loss on the original text before and after (forgetting), trainable parameters, the bytes
-    of a training step (``training_memory``) and the loss curve. Returns the table and the
+    of a training step (``train_step_memory``) and the loss curve. Returns the table and the
     trained models and optimizers (for the spectra and the step times)."""
     table, trained = {}, {}
     batch = task_batch(task, task["train"][: sizes["batch_size"]])
-    for i, name in enumerate(METHODS):
-        model = build_method(base, name, seed)
+    for i, name in enumerate(TUNING_METHODS):
+        model = build_tuned_model(base, name, seed)
         row = {
-            "label": method_label(name),
+            "label": tuning_label(name),
             "trainable": trainable_parameters(model),
-            "accuracy_before": exact_match(model, task),
+            "accuracy_before": reversal_accuracy(model, task),
             "val_loss_before": training.evaluate(model, windows),
         }
-        lr = sizes["lr"][METHODS[name]["kind"]]
-        losses, opt = finetune(model, task, sizes["steps"], lr, sizes["batch_size"], seed)
+        lr = sizes["lr"][TUNING_METHODS[name]["kind"]]
+        losses, opt = finetune_method(model, task, sizes["steps"], lr, sizes["batch_size"], seed)
         row.update(
             {
                 "lr": lr,
                 "losses": losses,
                 "final_loss": statistics.mean(losses[-max(1, len(losses) // 10) :]),
-                "accuracy_after": exact_match(model, task),
-                "train_accuracy_after": exact_match(model, task, "train"),
+                "accuracy_after": reversal_accuracy(model, task),
+                "train_accuracy_after": reversal_accuracy(model, task, "train"),
                 "val_loss_after": training.evaluate(model, windows),
             }
         )
         row["forgetting"] = row["val_loss_after"] - row["val_loss_before"]
-        row["memory"] = training_memory(model, opt, batch)
+        row["memory"] = train_step_memory(model, opt, batch)
         table[name] = row
         trained[name] = (model, opt)
         print(
-            f"  ({i + 1}/{len(METHODS)}) {row['label']:<26} accuracy {row['accuracy_before']:.0%}"
-            f" -> {row['accuracy_after']:.0%}, task loss {row['final_loss']:.3f}"
+            f"  ({i + 1}/{len(TUNING_METHODS)}) {row['label']:<26} accuracy "
+            f"{row['accuracy_before']:.0%} -> {row['accuracy_after']:.0%}, "
+            f"task loss {row['final_loss']:.3f}"
         )
     full = table["full"]["trainable"]
     for row in table.values():
@@ -1013,7 +1027,9 @@ def compare_methods(
     return table, trained
 
 
-def benchmark_steps(trained: dict, task: dict, batch_size: int, rounds: int, min_run_time: float):
+def benchmark_train_steps(
+    trained: dict, task: dict, batch_size: int, rounds: int, min_run_time: float
+):
     """Seconds per training step (forward, backward, AdamW step) of every method, rounds
     interleaved (median, min-max), on the same batch; run after the accuracies are measured
     (the steps move the weights)."""
@@ -1021,7 +1037,7 @@ def benchmark_steps(trained: dict, task: dict, batch_size: int, rounds: int, min
     times: dict = {name: [] for name in trained}
 
     def step(model, opt):
-        _task_loss(model, batch).backward()
+        _reversal_loss(model, batch).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -1079,7 +1095,7 @@ def delta_w_spectra(base: training.Llama, tuned: training.Llama, ranks=(1, 4, 8,
     }
 
 
-def gap_phrase(ours: float, ref: float, what: str = "full fine-tuning") -> str:
+def accuracy_gap_phrase(ours: float, ref: float, what: str = "full fine-tuning") -> str:
     """How an accuracy compares with ``ref``'s, in points, worded from the numbers."""
     points = 100 * (ours - ref)
     if abs(points) < 0.5:
@@ -1092,7 +1108,7 @@ def accuracy_title(table: dict) -> str:
     full, lora = table["full"], table["lora_r8_all"]
     return (
         f"LoRA r=8 on all linear layers: {100 * lora['accuracy_after']:.1f}% exact match, "
-        f"{gap_phrase(lora['accuracy_after'], full['accuracy_after'])} "
+        f"{accuracy_gap_phrase(lora['accuracy_after'], full['accuracy_after'])} "
         f"({100 * full['accuracy_after']:.1f}%),\nwith "
         f"{100 * lora['trainable_fraction_of_full']:.2f}% of its trainable parameters"
     )
@@ -1159,10 +1175,12 @@ def fine_tuning_claims(results: dict) -> dict:
     gap = full["accuracy_after"] - lora["accuracy_after"]
     claims["lora_r8_near_full"] = claim(
         f"LoRA r=8 on all linear layers: {100 * lora['accuracy_after']:.1f}% exact match, "
-        f"{gap_phrase(lora['accuracy_after'], full['accuracy_after'])} "
+        f"{accuracy_gap_phrase(lora['accuracy_after'], full['accuracy_after'])} "
         f"({100 * full['accuracy_after']:.1f}%), training "
         f"{100 * lora['trainable_fraction_of_full']:.2f}% of its parameters",
-        gap <= 0.05 and lora["trainable_fraction_of_full"] < 0.05,
+        gap <= 0.05
+        and lora["trainable_fraction_of_full"] < 0.05
+        and full["accuracy_after"] > base_acc,
         accuracy_gap=gap,
     )
     opt = full["memory"]["measured"]["optimizer"] / lora["memory"]["measured"]["optimizer"]
@@ -1200,7 +1218,7 @@ def fine_tuning_claims(results: dict) -> dict:
 # 5. Figures (one function per figure, each returns the Figure)
 # =============================================================================
 
-COLOURS = {
+METHOD_COLOURS = {
     "full": "black",
     "lora_r1_attn": "#c6dbef",
     "lora_r1_all": "#fdd0a2",
@@ -1215,7 +1233,7 @@ COLOURS = {
 }
 
 
-def _smooth(values: list[float], window: int) -> list[float]:
+def _moving_average(values: list[float], window: int) -> list[float]:
     window = max(1, min(window, len(values)))
     c = [0.0, *itertools.accumulate(values)]
     return [(c[i + 1] - c[max(0, i + 1 - window)]) / min(i + 1, window) for i in range(len(values))]
@@ -1227,8 +1245,8 @@ def plot_loss_curves(table: dict) -> plt.Figure:
         losses = row["losses"]
         ax.plot(
             range(1, len(losses) + 1),
-            _smooth(losses, max(1, len(losses) // 20)),
-            color=COLOURS[name],
+            _moving_average(losses, max(1, len(losses) // 20)),
+            color=METHOD_COLOURS[name],
             lw=2.2 if name in ("full", "lora_r8_all") else 1.3,
             label=f"{row['label']}: {row['final_loss']:.3f}",
         )
@@ -1250,14 +1268,14 @@ def plot_loss_curves(table: dict) -> plt.Figure:
 def plot_accuracy_vs_params(table: dict, title: str) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(10, 5.5))
     for name, row in table.items():
-        kind = METHODS[name]["kind"]
+        kind = TUNING_METHODS[name]["kind"]
         marker = {"full": "s", "lora": "o", "qlora": "D", "prefix": "^"}[kind]
         ax.scatter(
             row["trainable"],
             100 * row["accuracy_after"],
             s=70,
             marker=marker,
-            color=COLOURS[name],
+            color=METHOD_COLOURS[name],
             edgecolor="black",
             zorder=3,
             label=f"{row['label']}: {100 * row['accuracy_after']:.1f}%",
@@ -1508,7 +1526,7 @@ def print_spectra(spectra: dict) -> None:
     print(f"  energy of the full fine-tuning update kept at rank {cells}")
 
 
-def run_parity(quick: bool, seed: int) -> dict:
+def run_peft_parity(quick: bool, seed: int) -> dict:
     if quick:
         return {"skipped": "not under --quick (importing peft takes ~15 s); see the default run"}
     peft = peft_modules()
@@ -1547,20 +1565,20 @@ def main(argv: list[str] | None = None) -> dict:
     )
     print_model(results["model"])
     print(f"[2/{n}] checking LoRA, QLoRA and prefix tuning against peft ...")
-    results["parity"] = run_parity(args.quick, args.seed)
+    results["parity"] = run_peft_parity(args.quick, args.seed)
     results["own_checks"] = check_own_rules(args.seed)
     print_parity(results["parity"], results["own_checks"])
     print(f"[3/{n}] fine-tuning every method on the task ...")
     task = reversal_task(data["tok"], seed=args.seed, **sizes["task"])
     results["task"] = {**sizes["task"], "words": task["words"], "example": task["example"]}
     print_task(results["task"])
-    longest = max(s.get("tokens", 0) for s in METHODS.values())
+    longest = max(s.get("tokens", 0) for s in TUNING_METHODS.values())
     windows = training.val_windows(
         data["val"], model.config.max_seq_len - longest, sizes["val_windows"]
     )
-    results["table"], trained = compare_methods(model, task, windows, sizes, args.seed)
+    results["table"], trained = compare_fine_tuning(model, task, windows, sizes, args.seed)
     print(f"[4/{n}] timing a training step of every method ...")
-    results["step_time"] = benchmark_steps(
+    results["step_time"] = benchmark_train_steps(
         trained, task, sizes["batch_size"], sizes["rounds"], sizes["min_run_time"]
     )
     print_table(results["table"], results["step_time"])

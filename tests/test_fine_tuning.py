@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fine_tuning
+import training
 from fine_tuning import (
     LORA_TARGETS,
     KVPrefix,
@@ -22,12 +23,12 @@ from fine_tuning import (
     PrefixTunedLlama,
     apply_lora,
     from_peft_state_dict,
+    hf_and_our_llama,
     load_lora_state_dict,
     lora_layers,
     lora_state_dict,
     merge_and_unload,
-    tiny_config,
-    twin_models,
+    parity_llama_config,
 )
 from quantization import QuantizedLinear
 
@@ -155,14 +156,14 @@ def test_bad_types_raise():
 
 
 def test_unknown_target_module_names_what_exists():
-    _, ours = twin_models(tiny_config(), 0)
+    _, ours = hf_and_our_llama(parity_llama_config(), 0)
     with pytest.raises(ValueError, match=r"target_modules: 'qkv_proj'.*q_proj"):
         apply_lora(ours, ["q_proj", "qkv_proj"], 4, 8)
 
 
 def test_only_lora_parameters_get_gradients_and_base_stays_frozen():
-    cfg = tiny_config()
-    _, ours = twin_models(cfg, 0)
+    cfg = parity_llama_config()
+    _, ours = hf_and_our_llama(cfg, 0)
     model = apply_lora(copy.deepcopy(ours), LORA_TARGETS["attention"], 2, 4)
     before = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -186,7 +187,7 @@ def test_only_lora_parameters_get_gradients_and_base_stays_frozen():
 
 
 def test_state_dict_keys_are_peft_keys():
-    _, ours = twin_models(tiny_config(), 0)
+    _, ours = hf_and_our_llama(parity_llama_config(), 0)
     model = apply_lora(copy.deepcopy(ours), ["q_proj"], 2, 4)
     keys = set(model.state_dict())
     assert "model.layers.0.self_attn.q_proj.base_layer.weight" in keys
@@ -204,8 +205,8 @@ def test_state_dict_keys_are_peft_keys():
 
 
 def test_prefix_gradient_flows_through_the_cache_and_positions_follow_it():
-    cfg = tiny_config(2)
-    _, ours = twin_models(cfg, 0)
+    cfg = parity_llama_config(2)
+    _, ours = hf_and_our_llama(cfg, 0)
     prefix = KVPrefix(cfg, 3)
     model = PrefixTunedLlama(copy.deepcopy(ours), prefix)
     x = ids(cfg)
@@ -219,11 +220,200 @@ def test_prefix_gradient_flows_through_the_cache_and_positions_follow_it():
 
 
 def test_bad_prefix_arguments_raise():
-    cfg = tiny_config(2)
+    cfg = parity_llama_config(2)
     with pytest.raises(ValueError, match="num_virtual_tokens"):
         KVPrefix(cfg, 0)
     with pytest.raises(ValueError, match="num_virtual_tokens"):
         KVPrefix(cfg, cfg.max_seq_len)
+
+
+# ------------------------------------------------------------------------------ against peft
+
+
+@pytest.fixture(scope="module")
+def lora_parity():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fine_tuning.check_peft_parity(peft(), seed=3)
+
+
+@pytest.mark.parametrize("kind", ["lora", "rslora"])
+def test_lora_equals_peft(lora_parity, kind):
+    """Logits to 1e-6 on peft's weights (its whole state_dict loaded into ours, strict=True),
+    the merged weights bit-identical to merge_and_unload, the same trainable count, and the
+    adapter both ways: ours saved as a peft folder, peft's get_peft_model_state_dict in ours."""
+    p = lora_parity[kind]
+    assert p["logits_max_err"] <= 1e-6
+    assert p["merged_keys_equal"] and p["merged_bit_identical"]
+    assert p["trainable_ours"] == p["trainable_peft"] > 0
+    assert p["saved_adapter_in_peft_max_err"] <= 1e-6
+    assert p["peft_adapter_in_ours_max_err"] <= 1e-6
+
+
+def test_lora_parity_fails_when_the_scaling_is_wrong():
+    """The parity is sharp: the same weights with alpha off by 10% no longer match peft."""
+    cfg = parity_llama_config()
+    hf, ours = hf_and_our_llama(cfg, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = peft().get_peft_model(
+            copy.deepcopy(hf),
+            peft().LoraConfig(r=4, lora_alpha=8, target_modules=ALL, init_lora_weights=False),
+        )
+    mine = apply_lora(copy.deepcopy(ours), ALL, 4, 8.8)
+    mine.load_state_dict(from_peft_state_dict(ref.state_dict()), strict=True)
+    x = ids(cfg)
+    with torch.no_grad():
+        assert (mine(x) - ref(input_ids=x).logits).abs().max() > 1e-4
+
+
+def test_qlora_equals_peft_with_bitsandbytes():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = fine_tuning.check_qlora_parity(peft(), seed=1)
+    assert q["logits_max_err"] <= 1e-5
+    assert q["trainable_ours"] == q["trainable_peft"]
+    assert q["packed_identical_layers"] == q["layers"]  # our NF4 bytes are bitsandbytes'
+    assert q["absmax_codes_agree"] > 0.97  # a few double-quantized codes differ (quantization.py)
+    assert q["own_quantization_logits_max_err"] < 1e-2
+
+
+def test_prefix_tuning_equals_peft_for_mha_and_gqa():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = fine_tuning.check_prefix_parity(peft(), seed=2)
+    assert set(p) == {"mha_plain", "mha_mlp", "gqa_plain", "gqa_mlp"}
+    for row in p.values():
+        assert row["logits_max_err"] <= 1e-5
+        assert row["trainable_ours"] == row["trainable_peft"]
+    assert p["gqa_plain"]["trainable_ours"] * 2 == p["mha_plain"]["trainable_ours"]
+
+
+def test_peft_adapter_folder_round_trip(tmp_path):
+    """peft's own save_pretrained folder (adapter_model.safetensors) loads into ours."""
+    from safetensors.torch import load_file
+
+    cfg = parity_llama_config()
+    hf, ours = hf_and_our_llama(cfg, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = peft().get_peft_model(
+            copy.deepcopy(hf),
+            peft().LoraConfig(
+                r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+            ),
+        )
+        ref.save_pretrained(tmp_path)
+    mine = apply_lora(copy.deepcopy(ours), ["q_proj", "v_proj"], 2, 4)
+    load_lora_state_dict(mine, load_file(tmp_path / "adapter_model.safetensors"))
+    x = ids(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(mine(x), ref(input_ids=x).logits, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------ the experiment
+
+
+@pytest.fixture(scope="module")
+def small_task():
+    tok = training.load_data()["tok"]
+    return fine_tuning.reversal_task(tok, 2, 60, 20, seed=0)
+
+
+def test_reversal_task(small_task):
+    t = small_task
+    words = t["prompt"][:, 2:-1]  # after "reverse:", before " ->"
+    assert torch.equal(t["answer"][:, :-1], words.flip(1))
+    pairs = {tuple(w) for w in words[t["train"]].tolist()}
+    assert not pairs & {tuple(w) for w in words[t["test"]].tolist()}
+    x, y = fine_tuning.task_batch(t, t["train"][:4])
+    n_prompt = t["prompt"].shape[1]
+    assert (y[:, : n_prompt - 1] == training.IGNORE).all()
+    assert torch.equal(y[:, n_prompt - 1 :], t["answer"][:4])
+    with pytest.raises(ValueError, match="n_train"):
+        fine_tuning.reversal_task(training.load_data()["tok"], 1, 30, 10, seed=0)
+
+
+def test_training_moves_only_the_adapter_and_memory_is_measured(small_task):
+    torch.set_num_threads(1)
+    cfg = training.ModelConfig(
+        vocab_size=4097,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        hidden_dim=128,
+        max_seq_len=32,
+    )
+    base = training.Llama(cfg).eval()
+    for name in ("lora_r4_attn", "qlora_r8_all", "prefix_mlp", "full"):
+        model = fine_tuning.build_tuned_model(base, name, seed=0)
+        frozen = {k: v.clone() for k, v in model.named_parameters() if not v.requires_grad}
+        buffers = {k: v.clone() for k, v in model.named_buffers()}
+        losses, opt = fine_tuning.finetune_method(model, small_task, 5, 1e-2, 8, seed=0)
+        assert len(losses) == 5
+        params = dict(model.named_parameters())
+        assert all(torch.equal(v, params[k]) for k, v in frozen.items()), name
+        assert all(torch.equal(v, dict(model.named_buffers())[k]) for k, v in buffers.items())
+        mem = fine_tuning.train_step_memory(
+            model, opt, fine_tuning.task_batch(small_task, small_task["train"][:8])
+        )
+        assert mem["exact"], (name, mem)
+        n = fine_tuning.trainable_parameters(model)
+        assert mem["measured"]["gradients"] == 4 * n
+        assert 0 < mem["measured"]["activations"] and 0 < mem["measured"]["weights"]
+    assert not frozen  # full fine-tuning freezes nothing
+
+
+def _claims_results(full_acc, lora_acc, lora_forget, energy8):
+    row = {
+        "accuracy_before": 0.0,
+        "memory": {"measured": {"optimizer": 1000, "weights": 4000}, "exact": True},
+        "trainable_fraction_of_full": 0.03,
+        "forgetting": 0.5,
+    }
+    table = {
+        "full": {
+            **row,
+            "accuracy_after": full_acc,
+            "trainable_fraction_of_full": 1.0,
+            "memory": {"measured": {"optimizer": 100000, "weights": 4000}, "exact": True},
+        },
+        "lora_r8_all": {**row, "accuracy_after": lora_acc, "forgetting": lora_forget},
+        "qlora_r8_all": {
+            **row,
+            "accuracy_after": lora_acc,
+            "memory": {"measured": {"optimizer": 1000, "weights": 1000}, "exact": True},
+        },
+    }
+    own = {
+        "lora": {"merged_vs_unmerged_logits_max_err": 1e-7},
+        "qlora": {"merged_vs_unmerged_logits_max_err": 1e-2},
+    }
+    spectra = {"mean_energy": {"8": energy8}, "random_mean_energy": {"8": 0.3}}
+    return {"parity": {"skipped": "x"}, "own_checks": own, "table": table, "spectra": spectra}
+
+
+def test_claims_follow_the_numbers():
+    good = fine_tuning.fine_tuning_claims(_claims_results(0.99, 0.97, 0.01, 0.9))
+    assert all(c["held"] for c in good.values()), good
+    assert "2.0 points below full fine-tuning" in good["lora_r8_near_full"]["statement"]
+    bad = fine_tuning.fine_tuning_claims(_claims_results(0.99, 0.5, 0.9, 0.4))
+    assert not bad["lora_r8_near_full"]["held"]
+    assert "49.0 points below" in bad["lora_r8_near_full"]["statement"]
+    assert not bad["less_forgetting"]["held"]
+    assert "did not forget less" in bad["less_forgetting"]["statement"]
+    assert not bad["update_is_low_rank"]["held"]
+    nothing = fine_tuning.fine_tuning_claims(_claims_results(0.0, 0.0, 0.01, 0.9))
+    assert not nothing["lora_r8_near_full"]["held"]  # level at 0% is no success
+
+
+def test_titles_follow_the_numbers():
+    t = _claims_results(0.9, 0.95, 0.0, 0.9)["table"]
+    assert "5.0 points above full fine-tuning" in fine_tuning.accuracy_title(t)
+    t["lora_r8_all"]["accuracy_after"] = 0.9
+    assert "level with full fine-tuning" in fine_tuning.accuracy_title(t)
+    assert fine_tuning.accuracy_gap_phrase(0.2, 0.9) == "70.0 points below full fine-tuning"
 
 
 # ------------------------------------------------------------------------------ the --quick run
@@ -232,7 +422,7 @@ def test_bad_prefix_arguments_raise():
 def test_quick_run_writes_the_table_and_figures(run_main):
     run = run_main(fine_tuning)
     r = run.results
-    assert set(r["table"]) == set(fine_tuning.METHODS)
+    assert set(r["table"]) == set(fine_tuning.TUNING_METHODS)
     for row in r["table"].values():
         assert 0 <= row["accuracy_before"] <= 1 and 0 <= row["accuracy_after"] <= 1
         assert row["memory"]["exact"]
