@@ -82,7 +82,7 @@ Contents
 3. Baselines and apparatus: the door checks (``_check_lora_args``, ``_check_targets``,
    ``_check_prefix_args`` and the shared ``_check_sizes``, ``_check_positive``,
    ``_check_float_tensor``), ``trainable_parameters``; the task (``REVERSE_WORDS``,
-   ``reversal_task``, ``task_batch``, ``reversal_accuracy``); the methods
+   ``reversal_task``, ``task_info``, ``task_batch``, ``reversal_accuracy``); the methods
    (``TUNING_METHODS``, ``LORA_ALPHA_PER_R``, ``tuning_label``, ``build_tuned_model``,
    ``finetune_method``, ``train_step_memory`` (9)); the references (``peft_modules``,
    ``parity_llama_config``, ``hf_and_our_llama``, ``save_peft_adapter``,
@@ -361,6 +361,19 @@ class KVPrefix(nn.Module):
         else:
             self.embedding = nn.Embedding(num_virtual_tokens, width)
 
+    @torch.no_grad()
+    def init_from_tokens(self, model: training.Llama, ids: torch.Tensor) -> None:
+        """Li and Liang's better start than random: the keys and values ``model`` computes for
+        ``num_virtual_tokens`` real tokens ``ids`` at positions 0.. (without the MLP only)."""
+        n = self.num_virtual_tokens
+        if self.prefix_projection or not isinstance(ids, torch.Tensor) or ids.shape != (n,):
+            raise ValueError(f"ids must be {n} token ids, for a prefix without prefix_projection")
+        cache = model.new_cache(1, n)
+        model(ids[None], 0, cache)
+        kv = torch.stack([torch.stack([c.k_cache[0], c.v_cache[0]]) for c in cache])
+        # (n_layers, 2, n_kv_heads, n_virtual, head_dim) -> (n_virtual, width): forward's inverse
+        self.embedding.weight.copy_(kv.permute(3, 0, 1, 2, 4).reshape(n, -1))
+
     def forward(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         p = self.embedding.weight  # (n_virtual, token_dim or width)
         if self.prefix_projection:
@@ -532,6 +545,18 @@ def reversal_task(tok, n_words: int, n_train: int, n_test: int, seed: int) -> di
         "test": torch.arange(n_train, n_train + n_test),
         "words": words,
         "example": example,
+    }
+
+
+def task_info(task: dict, sizes: dict) -> dict:
+    """What results.json says about the task: its sizes, words and one example."""
+    prompt, _, answer = task["example"].partition(" ->")
+    return {
+        **sizes,
+        "words": task["words"],
+        "n_vocab_words": len(task["words"]),
+        "example_prompt": prompt + " ->",
+        "example_answer": answer.strip(),
     }
 
 
@@ -1406,8 +1431,8 @@ SIZES = {
             },
             "val_windows": 8,
         },
-        "task": {"n_words": 2, "n_train": 400, "n_test": 100},
-        "steps": 12,
+        "task": {"n_words": 2, "n_train": 100, "n_test": 50},
+        "steps": 6,
         "batch_size": 16,
         "lr": {"full": 3e-3, "lora": 3e-3, "qlora": 3e-3, "prefix": 3e-3},
         "val_windows": 8,
@@ -1436,7 +1461,7 @@ SIZES = {
         "task": {"n_words": 2, "n_train": 400, "n_test": 100},
         "steps": 300,
         "batch_size": 32,
-        "lr": {"full": 3e-3, "lora": 3e-3, "qlora": 3e-3, "prefix": 3e-3},
+        "lr": {"full": 3e-3, "lora": 3e-3, "qlora": 3e-3, "prefix": 3e-2},
         "val_windows": 32,
         "rounds": 3,
         "min_run_time": 0.05,
@@ -1501,7 +1526,8 @@ def print_parity(parity: dict, own: dict) -> None:
 def print_task(info: dict) -> None:
     print(
         f"  {info['n_train']} train / {info['n_test']} held-out lists of {info['n_words']} of "
-        f"{len(info['words'])} words, e.g. {info['example']!r}"
+        f"{info['n_vocab_words']} words, e.g. {info['example_prompt']!r} -> "
+        f"{info['example_answer']!r}"
     )
 
 
@@ -1570,21 +1596,21 @@ def main(argv: list[str] | None = None) -> dict:
     print_parity(results["parity"], results["own_checks"])
     print(f"[3/{n}] fine-tuning every method on the task ...")
     task = reversal_task(data["tok"], seed=args.seed, **sizes["task"])
-    results["task"] = {**sizes["task"], "words": task["words"], "example": task["example"]}
+    results["task"] = task_info(task, sizes["task"])
     print_task(results["task"])
     longest = max(s.get("tokens", 0) for s in TUNING_METHODS.values())
     windows = training.val_windows(
         data["val"], model.config.max_seq_len - longest, sizes["val_windows"]
     )
     results["table"], trained = compare_fine_tuning(model, task, windows, sizes, args.seed)
-    print(f"[4/{n}] timing a training step of every method ...")
+    print(f"[4/{n}] measuring the rank of the full fine-tuning update ...")
+    results["spectra"] = delta_w_spectra(model, trained["full"][0])
+    print_spectra(results["spectra"])
+    print(f"[5/{n}] timing a training step of every method ...")
     results["step_time"] = benchmark_train_steps(
         trained, task, sizes["batch_size"], sizes["rounds"], sizes["min_run_time"]
     )
     print_table(results["table"], results["step_time"])
-    print(f"[5/{n}] measuring the rank of the full fine-tuning update ...")
-    results["spectra"] = delta_w_spectra(model, trained["full"][0])
-    print_spectra(results["spectra"])
     results["claims"] = fine_tuning_claims(results)
     print_claims(results["claims"])
     print(f"[6/{n}] drawing figures ...")
