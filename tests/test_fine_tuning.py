@@ -380,6 +380,11 @@ def _claims_results(full_acc, lora_acc, lora_forget, energy8):
             "memory": {"measured": {"optimizer": 100000, "weights": 4000}, "exact": True},
         },
         "lora_r8_all": {**row, "accuracy_after": lora_acc, "forgetting": lora_forget},
+        **{
+            f"lora_r{r}_{w}": {**row, "accuracy_after": lora_acc if w == "all" else 0.1}
+            for r in (1, 4, 16)
+            for w in ("attn", "all")
+        },
         "qlora_r8_all": {
             **row,
             "accuracy_after": lora_acc,
@@ -404,6 +409,11 @@ def test_claims_follow_the_numbers():
     assert not bad["less_forgetting"]["held"]
     assert "did not forget less" in bad["less_forgetting"]["statement"]
     assert not bad["update_is_low_rank"]["held"]
+    assert "more than 5 points apart" in bad["lora_r8_near_full"]["statement"]
+    assert good["all_linear_beats_attention"]["held"]
+    worse = _claims_results(0.99, 0.05, 0.9, 0.4)
+    contrary = fine_tuning.fine_tuning_claims(worse)["all_linear_beats_attention"]
+    assert not contrary["held"] and "not higher at every rank" in contrary["statement"]
     nothing = fine_tuning.fine_tuning_claims(_claims_results(0.0, 0.0, 0.01, 0.9))
     assert not nothing["lora_r8_near_full"]["held"]  # level at 0% is no success
 
@@ -433,3 +443,25 @@ def test_quick_run_writes_the_table_and_figures(run_main):
         f"{n}.png" for n in ("loss_curves", "accuracy_vs_params", "memory", "delta_w_spectra")
     }
     assert "[6/6] drawing figures ..." in run.stdout
+
+
+def test_dropout_acts_on_the_lora_input_only_in_training():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(32, 16), 4, 8, dropout=0.5)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(64, 32)
+    layer.eval()
+    clean = layer(x)
+    torch.testing.assert_close(clean, layer.base_layer(x) + 2 * layer.lora_B(layer.lora_A(x)))
+    layer.train()
+    noisy = layer(x)
+    assert not torch.allclose(noisy, clean)
+    # the base path never sees dropout: the difference is s B A (x - dropout(x))-shaped, and
+    # with B = 0 the layer is the base layer in training mode too
+    nn.init.zeros_(layer.lora_B.weight)
+    torch.testing.assert_close(layer(x), layer.base_layer(x))
+
+
+def test_saving_an_adapter_needs_lora_layers(tmp_path):
+    with pytest.raises(ValueError, match="LoRA"):
+        fine_tuning.save_peft_adapter(nn.Sequential(nn.Linear(4, 4)), tmp_path)
