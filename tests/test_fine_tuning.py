@@ -396,7 +396,20 @@ def _claims_results(full_acc, lora_acc, lora_forget, energy8):
         "qlora": {"merged_vs_unmerged_logits_max_err": 1e-2},
     }
     spectra = {"mean_energy": {"8": energy8}, "random_mean_energy": {"8": 0.3}}
-    return {"parity": {"skipped": "x"}, "own_checks": own, "table": table, "spectra": spectra}
+    table["prefix"] = {**row, "accuracy_after": lora_acc / 2, "losses": [1.0] * 7}
+    table["prefix_mlp"] = {**row, "accuracy_after": 0.0}
+    ms = {"full": (10.0, 9.0, 11.0), "lora_r8_all": (4.0, 3.5, 4.5 if energy8 > 0.5 else 9.5)}
+    step_time = {
+        k: {"ms": {"median": m, "min": lo, "max": hi}, "speed_vs_full": 10.0 / m}
+        for k, (m, lo, hi) in ms.items()
+    }
+    return {
+        "parity": {"skipped": "x"},
+        "own_checks": own,
+        "table": table,
+        "spectra": spectra,
+        "step_time": step_time,
+    }
 
 
 def test_claims_follow_the_numbers():
@@ -414,7 +427,13 @@ def test_claims_follow_the_numbers():
     worse = _claims_results(0.99, 0.05, 0.9, 0.4)
     contrary = fine_tuning.fine_tuning_claims(worse)["all_linear_beats_attention"]
     assert not contrary["held"] and "not higher at every rank" in contrary["statement"]
+    assert "after 7 steps" in good["prefix_tuning_learns"]["statement"]
+    assert not bad["lora_step_faster"]["held"]
+    assert "no speed-up shown" in bad["lora_step_faster"]["statement"]
+    assert "2.50x" in good["lora_step_faster"]["statement"]
     nothing = fine_tuning.fine_tuning_claims(_claims_results(0.0, 0.0, 0.01, 0.9))
+    assert not nothing["prefix_tuning_learns"]["held"]
+    assert "did not learn the task" in nothing["prefix_tuning_learns"]["statement"]
     assert not nothing["lora_r8_near_full"]["held"]  # level at 0% is no success
 
 
