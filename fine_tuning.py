@@ -58,9 +58,10 @@ Run it
 The default run fine-tunes ``docs/figures/training/model.pt`` (training.py's default run) when
 it exists, else a small Llama trained through ``training.train``; results.json says which. It
 checks LoRA, QLoRA and prefix tuning against peft (not under --quick: importing peft alone
-takes longer than the whole quick run), trains every method on a word-reversal task, prints the
-comparison table and the claims, and saves the figures and ``results.json`` under ``--out``
-(default ``figures/fine_tuning/``).
+takes longer than the whole quick run), chooses a learning rate per family (full fine-tuning,
+LoRA, prefix tuning) on a dev split of the task, trains every method on a word-reversal task,
+prints the comparison table and the claims, and saves the figures and ``results.json`` under
+``--out`` (default ``figures/fine_tuning/``).
 
 References
 ----------
@@ -71,6 +72,10 @@ References
   LLMs", 2023, arXiv 2305.14314.
 - Li and Liang, "Prefix-Tuning: Optimizing Continuous Prompts for Generation", 2021,
   arXiv 2101.00190.
+- Biderman et al., "LoRA Learns Less and Forgets Less", 2024, arXiv 2405.09673 (learning
+  against forgetting over learning rates, the trade-off this script measures on its task).
+- Lester, Al-Rfou and Constant, "The Power of Scale for Parameter-Efficient Prompt Tuning",
+  2021, arXiv 2104.08691 (prompt-based tuning closes the gap to fine-tuning only at scale).
 - Reference code: huggingface/peft ``src/peft/tuners/lora/layer.py`` (``LoraLayer``,
   ``Linear``: ``update_layer``, ``reset_lora_parameters``, ``merge``, ``get_delta_weight``),
   ``src/peft/tuners/lora/bnb.py`` (``Linear4bit``), ``src/peft/tuners/prefix_tuning/model.py``
@@ -87,16 +92,19 @@ Contents
    ``_check_prefix_args`` and the shared ``_check_sizes``, ``_check_positive``,
    ``_check_float_tensor``), ``trainable_parameters``; the task (``REVERSE_WORDS``,
    ``reversal_task``, ``task_info``, ``task_batch``, ``reversal_accuracy``); the methods
-   (``TUNING_METHODS``, ``LORA_ALPHA_PER_R``, ``tuning_label``, ``build_tuned_model``,
-   ``finetune_method``, ``train_step_memory`` (9)); the references (``peft_modules``,
+   (``TUNING_METHODS``, ``LORA_ALPHA_PER_R``, ``LR_FAMILIES``, ``lr_family``, ``tuning_label``,
+   ``build_tuned_model``, ``answer_losses``, ``finetune_method``, ``train_step_memory`` (9));
+   the references (``peft_modules``,
    ``parity_llama_config``, ``hf_and_our_llama``, ``save_peft_adapter``,
    ``qlora_from_bitsandbytes``).
 4. Experiments: ``claim``, ``print_claims``, ``check_peft_parity``, ``check_qlora_parity``,
-   ``check_prefix_parity``, ``check_own_rules``, ``compare_fine_tuning``,
+   ``check_prefix_parity``, ``check_own_rules``, ``pick_learning_rate``,
+   ``choose_learning_rates``, ``compare_fine_tuning``, ``prefix_one_example``,
    ``benchmark_train_steps``, ``delta_w_spectra`` (8), ``accuracy_gap_phrase``,
-   ``accuracy_title``, ``fine_tuning_claims``.
+   ``accuracy_title``, ``gentlest_rate``, ``fine_tuning_claims``.
 5. Figures: ``METHOD_COLOURS``, ``MEMORY_PARTS``, ``plot_loss_curves``,
-   ``plot_accuracy_vs_params``, ``plot_memory``, ``plot_delta_w_spectra``.
+   ``plot_accuracy_vs_params``, ``plot_learning_vs_forgetting``, ``plot_memory``,
+   ``plot_delta_w_spectra``.
 6. Main: ``SIZES``, ``parse_args``, the ``print_*`` helpers, ``run_peft_parity``,
    ``fine_tuning_figures``, ``main``.
 7. Plumbing (identical in every script).
@@ -509,20 +517,24 @@ REVERSE_WORDS = (  # candidates; those that are one token with a leading space a
 ).split()
 
 
-def reversal_task(tok, n_words: int, n_train: int, n_test: int, seed: int) -> dict:
+def reversal_task(tok, n_words: int, n_train: int, n_test: int, seed: int, n_dev: int = 0) -> dict:
     """Prompt "reverse: w1 w2 .. wn ->", answer " wn .. w2 w1" then a newline, every word one
-    token of ``tok``: distinct random word lists, disjoint between train and test. Returns
-    token ids ``prompt`` (N, prompt_len) and ``answer`` (N, n_words + 1) and the split."""
+    token of ``tok``: distinct random word lists, disjoint between the splits ``train`` (to
+    train on), ``dev`` (to choose the learning rate on) and ``test`` (held out, reported).
+    Returns token ids ``prompt`` (N, prompt_len) and ``answer`` (N, n_words + 1) and the splits."""
     _check_sizes(n_words=n_words, n_train=n_train, n_test=n_test)
+    if isinstance(n_dev, bool) or not isinstance(n_dev, numbers.Integral) or n_dev < 0:
+        raise ValueError(f"n_dev ({n_dev!r}) must be an int >= 0")
     words = [w for w in REVERSE_WORDS if len(tok.encode_ordinary(" " + w)) == 1]
-    if len(words) < n_words or math.perm(len(words), n_words) < n_train + n_test:
+    n_all = n_train + n_dev + n_test
+    if len(words) < n_words or math.perm(len(words), n_words) < n_all:
         raise ValueError(
-            f"n_train + n_test ({n_train + n_test}) must be at most the "
+            f"n_train + n_dev + n_test ({n_all}) must be at most the "
             f"{math.perm(len(words), n_words)} lists of n_words ({n_words}) distinct words"
         )
     gen = torch.Generator().manual_seed(seed)
     every = list(itertools.permutations(range(len(words)), n_words))
-    order = torch.randperm(len(every), generator=gen)[: n_train + n_test].tolist()
+    order = torch.randperm(len(every), generator=gen)[:n_all].tolist()
     lists = [every[i] for i in order]
     head, arrow, newline = (tok.encode_ordinary(s) for s in ("reverse:", " ->", "\n"))
     ids = [tok.encode_ordinary(" " + w)[0] for w in words]
@@ -533,19 +545,24 @@ def reversal_task(tok, n_words: int, n_train: int, n_test: int, seed: int) -> di
         "prompt": prompt,
         "answer": answer,
         "train": torch.arange(n_train),
-        "test": torch.arange(n_train, n_train + n_test),
+        "dev": torch.arange(n_train, n_train + n_dev),
+        "test": torch.arange(n_train + n_dev, n_all),
         "words": words,
         "example": example,
     }
 
 
 def task_info(task: dict, sizes: dict) -> dict:
-    """What results.json says about the task: its sizes, words and one example."""
+    """What results.json says about the task: its sizes, the training steps and batch size
+    (``sizes`` is a ``SIZES`` entry), its words and one example."""
     prompt, _, answer = task["example"].partition(" ->")
     return {
-        **sizes,
+        **sizes["task"],
+        "steps": sizes["steps"],
+        "batch_size": sizes["batch_size"],
         "words": task["words"],
         "n_vocab_words": len(task["words"]),
+        "uniform_word_loss": math.log(len(task["words"])),  # a uniform guess among the words
         "example_prompt": prompt + " ->",
         "example_answer": answer.strip(),
     }
@@ -593,6 +610,19 @@ TUNING_METHODS = {  # name -> how the model is adapted
 LORA_ALPHA_PER_R = 2.0  # alpha = 2 r: scaling 2 at every rank (peft's defaults r 8, alpha 16)
 
 
+LR_FAMILIES = {  # family -> the method whose dev-split sweep chooses the family's learning rate
+    "full": "full",
+    "lora": "lora_r8_all",  # every LoRA rank and target set, and QLoRA, use its choice
+    "prefix": "prefix",  # with and without the MLP
+}
+
+
+def lr_family(name: str) -> str:
+    """The learning-rate family of method ``name``: QLoRA is LoRA over another base."""
+    kind = TUNING_METHODS[name]["kind"]
+    return "lora" if kind == "qlora" else kind
+
+
 def tuning_label(name: str) -> str:
     spec = TUNING_METHODS[name]
     if spec["kind"] == "full":
@@ -622,6 +652,19 @@ def build_tuned_model(base: training.Llama, name: str, seed: int) -> nn.Module:
 def _reversal_loss(model: nn.Module, batch) -> torch.Tensor:
     loss_sum, count = training.token_loss_sum(model(batch[0]), batch[1])
     return loss_sum / count
+
+
+@torch.no_grad()
+def answer_losses(model: nn.Module, task: dict, split: str) -> list[float]:
+    """The mean loss (nats) at each answer position (word, ..., newline) over ``split``'s lists,
+    teacher-forced, in eval mode; their mean is the task loss."""
+    was_training = model.training
+    model.eval()
+    x, y = task_batch(task, task[split])
+    logp = model(x).log_softmax(-1)[:, task["prompt"].shape[1] - 1 :]  # the answer positions
+    y = y[:, task["prompt"].shape[1] - 1 :]
+    model.train(was_training)
+    return (-logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)).mean(0).tolist()
 
 
 def finetune_method(
@@ -923,7 +966,8 @@ def check_qlora_parity(peft, seed: int, r: int = 4, alpha: float = 8.0) -> dict:
 def check_prefix_parity(peft, seed: int, num_virtual_tokens: int = 5) -> dict:
     """Prefix tuning, ours (``PrefixTunedLlama``) vs ``peft.PrefixTuningConfig`` on the same
     transformers model and prompt-encoder weights, with and without ``prefix_projection``, for
-    multi-head (n_kv_heads = n_heads = 4) and grouped-query (n_kv_heads = 2) attention."""
+    multi-head (n_kv_heads = n_heads = 4) and grouped-query (n_kv_heads = 2) attention: the
+    logits, and the gradients reaching the prompt encoder (ours through the KV-cache write)."""
     out = {}
     for n_kv in (4, 2):
         cfg = parity_llama_config(n_kv)
@@ -947,13 +991,27 @@ def check_prefix_parity(peft, seed: int, num_virtual_tokens: int = 5) -> dict:
                 strict=True,
             )
             mine = PrefixTunedLlama(copy.deepcopy(ours), prefix)
-            want = ref(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            with torch.enable_grad():  # d(sum of weighted logits)/d(prompt encoder), both
+                want = ref(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+                got = mine(ids)
+                w = torch.randn(want.shape, generator=torch.Generator().manual_seed(seed))
+                (want * w).sum().backward()
+                (got * w).sum().backward()
+            ref_grads = {
+                k.removeprefix(encoder): p.grad
+                for k, p in ref.named_parameters()
+                if encoder in k and p.grad is not None
+            }
+            grads = {k: p.grad for k, p in prefix.named_parameters()}
             name = f"{'mha' if n_kv == cfg.n_heads else 'gqa'}_{'mlp' if projection else 'plain'}"
             out[name] = {
                 "n_heads": cfg.n_heads,
                 "n_kv_heads": n_kv,
                 "prefix_projection": projection,
-                "logits_max_err": max_abs_err(mine(ids), want),
+                "logits_max_err": max_abs_err(got, want),
+                "grad_keys_equal": sorted(ref_grads) == sorted(grads),
+                "grad_max_err": max(max_abs_err(grads[k], ref_grads[k]) for k in grads),
+                "grad_max_abs": max(g.abs().max().item() for g in grads.values()),
                 "trainable_ours": trainable_parameters(mine),
                 "trainable_peft": ref.get_nb_trainable_parameters()[0],
             }
@@ -1002,14 +1060,66 @@ def check_own_rules(seed: int) -> dict:
     return out
 
 
-def compare_fine_tuning(
+def pick_learning_rate(candidates: dict, within: float = 0.01) -> str:
+    """The dev split decides (``candidates``: lr as text -> {"lr", "dev_accuracy",
+    "dev_loss", ...}): among the rates within ``within`` of the best dev exact match, the
+    lowest, the gentlest step that does the task (exact match cannot tell them apart, and a
+    smaller step moves the pre-trained model less); the dev loss breaks exact ties of rate."""
+    best = max(c["dev_accuracy"] for c in candidates.values())
+    good = [k for k, c in candidates.items() if c["dev_accuracy"] >= best - within]
+    return min(good, key=lambda k: (candidates[k]["lr"], candidates[k]["dev_loss"]))
+
+
+def choose_learning_rates(
     base: training.Llama, task: dict, windows: torch.Tensor, sizes: dict, seed: int
 ):
-    """Every method of ``TUNING_METHODS`` from the same base model, the same batches (same seed) and
-    steps: exact-match accuracy on the held-out word lists before and after, the validation
-    loss on the original text before and after (forgetting), trainable parameters, the bytes
-    of a training step (``train_step_memory``) and the loss curve. Returns the table and the
-    trained models and optimizers (for the spectra and the step times)."""
+    """Each family's learning rate, as a practitioner would choose it: its representative
+    method (``LR_FAMILIES``) trained at every rate of ``sizes["lr_grid"][family]`` on the train
+    split, scored on the dev split (never on the test split), ``pick_learning_rate``. Also the
+    validation loss on the original text after each run (forgetting, for the trade-off figure).
+    Returns the choice and the representatives' runs at the chosen rate (not trained again)."""
+    choice, runs = {}, {}
+    for family, name in LR_FAMILIES.items():
+        before = training.evaluate(build_tuned_model(base, name, seed), windows)
+        candidates, kept = {}, {}
+        for lr in sizes["lr_grid"][family]:
+            model = build_tuned_model(base, name, seed)
+            losses, opt = finetune_method(
+                model, task, sizes["steps"], lr, sizes["batch_size"], seed
+            )
+            candidates[f"{lr:g}"] = {
+                "lr": lr,
+                "dev_accuracy": reversal_accuracy(model, task, "dev"),
+                "dev_loss": statistics.mean(answer_losses(model, task, "dev")),
+                "forgetting": training.evaluate(model, windows) - before,
+            }
+            kept[f"{lr:g}"] = (model, opt, losses)
+            c = candidates[f"{lr:g}"]
+            print(
+                f"  {tuning_label(name):<22} lr {lr:<7g} dev exact match {c['dev_accuracy']:6.1%}, "
+                f"dev loss {c['dev_loss']:.3f}, forgetting {c['forgetting']:+.3f}"
+            )
+        best = pick_learning_rate(candidates)
+        choice[family] = {"method": name, "candidates": candidates, "chosen": best}
+        runs[name] = kept[best]
+    return choice, runs
+
+
+def compare_fine_tuning(
+    base: training.Llama,
+    task: dict,
+    windows: torch.Tensor,
+    sizes: dict,
+    seed: int,
+    lr_choice,
+    runs: dict,
+):
+    """Every method of ``TUNING_METHODS`` from the same base model, the same batches (same
+    seed) and steps, at its family's chosen learning rate (the representatives' runs come from
+    ``choose_learning_rates``): exact-match accuracy on the held-out word lists before and
+    after, the validation loss on the original text before and after (forgetting), trainable
+    parameters, the bytes of a training step (``train_step_memory``) and the loss curve.
+    Returns the table and the trained models and optimizers (for the spectra and step times)."""
     table, trained = {}, {}
     batch = task_batch(task, task["train"][: sizes["batch_size"]])
     for i, name in enumerate(TUNING_METHODS):
@@ -1020,8 +1130,14 @@ def compare_fine_tuning(
             "accuracy_before": reversal_accuracy(model, task),
             "val_loss_before": training.evaluate(model, windows),
         }
-        lr = sizes["lr"][TUNING_METHODS[name]["kind"]]
-        losses, opt = finetune_method(model, task, sizes["steps"], lr, sizes["batch_size"], seed)
+        family = lr_choice[lr_family(name)]
+        lr = family["candidates"][family["chosen"]]["lr"]
+        if name in runs:
+            model, opt, losses = runs[name]
+        else:
+            losses, opt = finetune_method(
+                model, task, sizes["steps"], lr, sizes["batch_size"], seed
+            )
         row.update(
             {
                 "lr": lr,
@@ -1029,6 +1145,7 @@ def compare_fine_tuning(
                 "final_loss": statistics.mean(losses[-max(1, len(losses) // 10) :]),
                 "accuracy_after": reversal_accuracy(model, task),
                 "train_accuracy_after": reversal_accuracy(model, task, "train"),
+                "answer_losses": answer_losses(model, task, "test"),
                 "val_loss_after": training.evaluate(model, windows),
             }
         )
@@ -1037,7 +1154,7 @@ def compare_fine_tuning(
         table[name] = row
         trained[name] = (model, opt)
         print(
-            f"  ({i + 1}/{len(TUNING_METHODS)}) {row['label']:<26} accuracy "
+            f"  ({i + 1}/{len(TUNING_METHODS)}) {row['label']:<26} lr {lr:<6g} accuracy "
             f"{row['accuracy_before']:.0%} -> {row['accuracy_after']:.0%}, "
             f"task loss {row['final_loss']:.3f}"
         )
@@ -1045,6 +1162,22 @@ def compare_fine_tuning(
     for row in table.values():
         row["trainable_fraction_of_full"] = row["trainable"] / full
     return table, trained
+
+
+def prefix_one_example(base: training.Llama, task: dict, steps: int, lr: float, seed: int):
+    """Can prefix tuning fit ONE training list? (A broken gradient could not.) ``prefix``
+    trained on the first train list alone: its task loss at the start and the end, and
+    whether its greedy answer is then exact."""
+    one = {**task, "train": task["train"][:1]}
+    model = build_tuned_model(base, "prefix", seed)
+    losses, _ = finetune_method(model, one, steps, lr, 8, seed)
+    return {
+        "steps": steps,
+        "lr": lr,
+        "loss_start": losses[0],
+        "loss_end": statistics.mean(losses[-max(1, steps // 10) :]),
+        "exact": reversal_accuracy(model, one, "train") == 1.0,
+    }
 
 
 def benchmark_train_steps(
@@ -1166,12 +1299,66 @@ def _parity_claims(parity: dict) -> dict:
     if "prefix" in parity:
         errs = {k: v["logits_max_err"] for k, v in parity["prefix"].items()}
         counts = all(v["trainable_ours"] == v["trainable_peft"] for v in parity["prefix"].values())
+        grad = max(v["grad_max_err"] for v in parity["prefix"].values())
+        keys = all(v["grad_keys_equal"] for v in parity["prefix"].values())
         claims["prefix_equals_peft"] = claim(
             f"prefix tuning equals peft's PrefixTuningConfig for MHA and GQA, with and without "
-            f"the MLP, to {max(errs.values()):.1e}",
-            max(errs.values()) <= 1e-5 and counts,
+            f"the MLP: logits to {max(errs.values()):.1e}, the prompt encoder's gradients to "
+            f"{grad:.1e}",
+            max(errs.values()) <= 1e-5 and counts and keys and grad <= 1e-4,
         )
     return claims
+
+
+def gentlest_rate(candidates: dict, at_least: float = 0.95) -> dict | None:
+    """The candidate with the lowest learning rate that reaches ``at_least`` dev exact match."""
+    good = [c for c in candidates.values() if c["dev_accuracy"] >= at_least]
+    return min(good, key=lambda c: c["lr"]) if good else None
+
+
+def _matched_forgetting_claim(choice: dict, at_least: float = 0.95) -> dict:
+    """Forgetting compared where both methods do the task: at each one's gentlest rate that
+    reaches ``at_least`` dev exact match (a lower rate forgets less and learns less)."""
+    full, lora = (gentlest_rate(choice[f]["candidates"], at_least) for f in ("full", "lora"))
+    if full is None or lora is None:
+        who = "full fine-tuning" if full is None else "LoRA"
+        return claim(
+            f"no learning rate of the grid brought {who} to {at_least:.0%} dev exact match, so "
+            "forgetting is not compared at matched accuracy",
+            False,
+        )
+    less = lora["forgetting"] < full["forgetting"]
+    return claim(
+        f"at the lowest learning rate reaching {at_least:.0%} dev exact match, full fine-tuning "
+        f"(lr {full['lr']:g}) moves the validation loss by {full['forgetting']:+.3f} nats, LoRA "
+        f"r=8 (lr {lora['lr']:g}) by {lora['forgetting']:+.3f}"
+        + ("" if less else ": LoRA did not forget less here"),
+        less,
+        full_forgetting=full["forgetting"],
+        lora_forgetting=lora["forgetting"],
+    )
+
+
+def _prefix_diagnosis_claim(results: dict) -> dict:
+    """Is prefix tuning's result a broken gradient or the method's reach? Worded from the
+    one-list fit, the gradient parity with peft (when run) and the per-position task losses."""
+    fit, row = results["prefix_one_example"], results["table"]["prefix"]
+    words, newline = row["answer_losses"][:-1], row["answer_losses"][-1]
+    uniform = results["task"]["uniform_word_loss"]
+    grads = [v["grad_max_err"] for v in results["parity"].get("prefix", {}).values()]
+    grad_ok = bool(grads) and max(grads) <= 1e-4
+    statement = (
+        f"on one training list alone prefix tuning's task loss goes {fit['loss_start']:.2f} -> "
+        f"{fit['loss_end']:.2f} in {fit['steps']} steps, greedy answer "
+        f"{'exact' if fit['exact'] else 'not exact'}"
+        + (f"; its gradients equal peft's to {max(grads):.1e}" if grads else "")
+        + f"; on the task its word tokens end at {', '.join(f'{w:.2f}' for w in words)} nats "
+        f"({'above' if min(words) > uniform else 'not all above'} {uniform:.2f}, a uniform guess "
+        f"among the {results['task']['n_vocab_words']} words) and the newline at {newline:.2f}"
+    )
+    if fit["exact"] and min(words) > uniform:
+        statement += ": it learns where the answer ends and can memorise, not which words"
+    return claim(statement, fit["exact"] and (grad_ok or not grads), grad_checked=bool(grads))
 
 
 def fine_tuning_claims(results: dict) -> dict:
@@ -1239,6 +1426,7 @@ def fine_tuning_claims(results: dict) -> dict:
         + ("" if lora["forgetting"] < full["forgetting"] else ": LoRA did not forget less here"),
         lora["forgetting"] < full["forgetting"],
     )
+    claims["forgetting_at_matched_accuracy"] = _matched_forgetting_claim(results["lr_choice"])
     q = t["qlora_r8_all"]
     ratio = lora["memory"]["measured"]["weights"] / q["memory"]["measured"]["weights"]
     claims["qlora_smaller_weights"] = claim(
@@ -1253,6 +1441,7 @@ def fine_tuning_claims(results: dict) -> dict:
         + ("" if max(pre.values()) > base_acc else " (it did not learn the task in this budget)"),
         max(pre.values()) > base_acc,
     )
+    claims["prefix_gradient_works"] = _prefix_diagnosis_claim(results)
     st = results["step_time"]
     speed, full_ms, lora_ms = (
         st["lora_r8_all"]["speed_vs_full"],
@@ -1359,6 +1548,49 @@ def plot_accuracy_vs_params(table: dict, title: str) -> plt.Figure:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_learning_vs_forgetting(choice: dict) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(9, 5))
+    colours = {"full": "black", "lora": "#d94801", "prefix": "tab:purple"}
+    for family, c in choice.items():
+        cands = sorted(c["candidates"].values(), key=lambda v: v["lr"])
+        x = [v["forgetting"] for v in cands]
+        y = [100 * v["dev_accuracy"] for v in cands]
+        ax.plot(x, y, "o-", color=colours[family], label=tuning_label(c["method"]))
+        left = family == "lora"  # its labels to the left, off the full fine-tuning ones
+        for v in cands:
+            ax.annotate(
+                f"lr {v['lr']:g}",
+                (v["forgetting"], 100 * v["dev_accuracy"]),
+                textcoords="offset points",
+                xytext=(-12, -4) if left else (8, -13),
+                ha="right" if left else "left",
+                fontsize=8,
+                color=colours[family],
+            )
+        chosen = c["candidates"][c["chosen"]]
+        ax.scatter(
+            chosen["forgetting"],
+            100 * chosen["dev_accuracy"],
+            s=260,
+            facecolors="none",
+            edgecolors=colours[family],
+            lw=1.5,
+        )
+    ax.scatter([], [], s=160, facecolors="none", edgecolors="grey", label="rate chosen (dev)")
+    ax.set_ylim(-5, 105)
+    ax.set_xlabel("forgetting: validation loss on the original text, after - before (nats)")
+    ax.set_ylabel("exact match on the dev word lists (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center right")
+    ax.set_title(
+        "Learning against forgetting over each family's learning-rate grid\n"
+        "(same steps and batches; dev split; circled: the rate chosen and used below)",
+        fontsize=10,
+    )
     fig.tight_layout()
     return fig
 
@@ -1473,10 +1705,11 @@ SIZES = {
             },
             "val_windows": 8,
         },
-        "task": {"n_words": 2, "n_train": 100, "n_test": 50},
+        "task": {"n_words": 2, "n_train": 100, "n_dev": 25, "n_test": 50},
         "steps": 6,
         "batch_size": 16,
-        "lr": {"full": 3e-3, "lora": 3e-3, "qlora": 3e-3, "prefix": 3e-3},
+        "lr_grid": {"full": (1e-3, 3e-3), "lora": (3e-3,), "prefix": (3e-2,)},
+        "prefix_one_example": {"steps": 10, "lr": 0.1},
         "val_windows": 8,
         "rounds": 1,
         "min_run_time": 0.01,
@@ -1500,10 +1733,15 @@ SIZES = {
             },
             "val_windows": 32,
         },
-        "task": {"n_words": 2, "n_train": 400, "n_test": 100},
+        "task": {"n_words": 2, "n_train": 400, "n_dev": 76, "n_test": 76},  # 552 lists in all
         "steps": 300,
         "batch_size": 32,
-        "lr": {"full": 3e-3, "lora": 3e-3, "qlora": 3e-3, "prefix": 3e-2},
+        "lr_grid": {  # full fine-tuning's usual rates are lower than LoRA's, prefix's higher
+            "full": (3e-4, 1e-3, 3e-3),
+            "lora": (1e-3, 3e-3, 1e-2),
+            "prefix": (3e-2, 1e-1),
+        },
+        "prefix_one_example": {"steps": 200, "lr": 0.1},
         "val_windows": 32,
         "rounds": 3,
         "min_run_time": 0.05,
@@ -1555,7 +1793,8 @@ def print_parity(parity: dict, own: dict) -> None:
     for name, p in parity.get("prefix", {}).items():
         print(
             f"  prefix {name:<9} ({p['n_heads']} heads, {p['n_kv_heads']} KV heads) vs peft: "
-            f"logits max err {p['logits_max_err']:.1e}, trainable {p['trainable_ours']:,} "
+            f"logits max err {p['logits_max_err']:.1e}, gradients {p['grad_max_err']:.1e} "
+            f"(largest {p['grad_max_abs']:.1f}), trainable {p['trainable_ours']:,} "
             f"(peft {p['trainable_peft']:,})"
         )
     print(
@@ -1567,7 +1806,8 @@ def print_parity(parity: dict, own: dict) -> None:
 
 def print_task(info: dict) -> None:
     print(
-        f"  {info['n_train']} train / {info['n_test']} held-out lists of {info['n_words']} of "
+        f"  {info['n_train']} train / {info['n_dev']} dev / {info['n_test']} held-out lists of "
+        f"{info['n_words']} of "
         f"{info['n_vocab_words']} words, e.g. {info['example_prompt']!r} -> "
         f"{info['example_answer']!r}"
     )
@@ -1583,6 +1823,21 @@ def print_table(table: dict, steps: dict) -> None:
             f"{r['accuracy_after']:>9.1%} {r['forgetting']:>+10.3f} {m['optimizer']:>12,} "
             f"{r['memory']['total']:>12,} {steps[name]['ms']['median']:>8.1f}"
         )
+
+
+def print_lr_choice(choice: dict) -> None:
+    print(
+        "  chosen (the lowest rate within 1 point of the best dev exact match): "
+        + ", ".join(f"{family} {c['chosen']}" for family, c in choice.items())
+    )
+
+
+def print_prefix_one_example(fit: dict) -> None:
+    print(
+        f"  one list, {fit['steps']} steps at lr {fit['lr']:g}: task loss "
+        f"{fit['loss_start']:.3f} -> {fit['loss_end']:.3f}, greedy answer "
+        f"{'exact' if fit['exact'] else 'not exact'}"
+    )
 
 
 def print_spectra(spectra: dict) -> None:
@@ -1615,6 +1870,7 @@ def fine_tuning_figures(results: dict) -> dict:
         "loss_curves": plot_loss_curves(t),
         "accuracy_vs_params": plot_accuracy_vs_params(t, accuracy_title(t)),
         "memory": plot_memory(t),
+        "learning_vs_forgetting": plot_learning_vs_forgetting(results["lr_choice"]),
         "delta_w_spectra": plot_delta_w_spectra(results["spectra"]),
     }
 
@@ -1625,7 +1881,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     sizes = SIZES["quick" if args.quick else "default"]
     results: dict = {"meta": run_meta(args, device)}
-    n = 6
+    n = 8
     print(f"[1/{n}] loading the model ...")
     model_dir = args.model or (None if args.quick else training.DEFAULT_MODEL_DIR)
     model, data, _, results["model"] = training.load_trained_model(
@@ -1636,26 +1892,35 @@ def main(argv: list[str] | None = None) -> dict:
     results["parity"] = run_peft_parity(args.quick, args.seed)
     results["own_checks"] = check_own_rules(args.seed)
     print_parity(results["parity"], results["own_checks"])
-    print(f"[3/{n}] fine-tuning every method on the task ...")
+    print(f"[3/{n}] choosing each family's learning rate on the dev split ...")
     task = reversal_task(data["tok"], seed=args.seed, **sizes["task"])
-    results["task"] = task_info(task, sizes["task"])
+    results["task"] = task_info(task, sizes)
     print_task(results["task"])
     longest = max(s.get("tokens", 0) for s in TUNING_METHODS.values())
     windows = training.val_windows(
         data["val"], model.config.max_seq_len - longest, sizes["val_windows"]
     )
-    results["table"], trained = compare_fine_tuning(model, task, windows, sizes, args.seed)
-    print(f"[4/{n}] measuring the rank of the full fine-tuning update ...")
+    results["lr_choice"], runs = choose_learning_rates(model, task, windows, sizes, args.seed)
+    print_lr_choice(results["lr_choice"])
+    print(f"[4/{n}] fine-tuning every method on the task ...")
+    results["table"], trained = compare_fine_tuning(
+        model, task, windows, sizes, args.seed, results["lr_choice"], runs
+    )
+    print(f"[5/{n}] prefix tuning on one training example ...")
+    one = sizes["prefix_one_example"]
+    results["prefix_one_example"] = prefix_one_example(model, task, seed=args.seed, **one)
+    print_prefix_one_example(results["prefix_one_example"])
+    print(f"[6/{n}] measuring the rank of the full fine-tuning update ...")
     results["spectra"] = delta_w_spectra(model, trained["full"][0])
     print_spectra(results["spectra"])
-    print(f"[5/{n}] timing a training step of every method ...")
+    print(f"[7/{n}] timing a training step of every method ...")
     results["step_time"] = benchmark_train_steps(
         trained, task, sizes["batch_size"], sizes["rounds"], sizes["min_run_time"]
     )
     print_table(results["table"], results["step_time"])
     results["claims"] = fine_tuning_claims(results)
     print_claims(results["claims"])
-    print(f"[6/{n}] drawing figures ...")
+    print(f"[8/{n}] drawing figures ...")
     figures = fine_tuning_figures(results)
     save_outputs(args.out, figures, results, show=not args.no_show)
     return results

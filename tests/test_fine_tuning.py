@@ -286,6 +286,9 @@ def test_prefix_tuning_equals_peft_for_mha_and_gqa():
     for row in p.values():
         assert row["logits_max_err"] <= 1e-5
         assert row["trainable_ours"] == row["trainable_peft"]
+        # the gradients through our KV-cache write are peft's (not merely nonzero)
+        assert row["grad_keys_equal"] and row["grad_max_abs"] > 0.1
+        assert row["grad_max_err"] <= 1e-5 * row["grad_max_abs"]
     assert p["gqa_plain"]["trainable_ours"] * 2 == p["mha_plain"]["trainable_ours"]
 
 
@@ -330,8 +333,17 @@ def test_reversal_task(small_task):
     n_prompt = t["prompt"].shape[1]
     assert (y[:, : n_prompt - 1] == training.IGNORE).all()
     assert torch.equal(y[:, n_prompt - 1 :], t["answer"][:4])
+    tok = training.load_data()["tok"]
     with pytest.raises(ValueError, match="n_train"):
-        fine_tuning.reversal_task(training.load_data()["tok"], 1, 30, 10, seed=0)
+        fine_tuning.reversal_task(tok, 1, 30, 10, seed=0)
+    with pytest.raises(ValueError, match="n_dev"):
+        fine_tuning.reversal_task(tok, 2, 30, 10, seed=0, n_dev=-1)
+    split = fine_tuning.reversal_task(tok, 2, 30, 10, seed=0, n_dev=5)
+    lists = {k: {tuple(w) for w in split["prompt"][split[k]].tolist()} for k in ("train", "dev")}
+    lists["test"] = {tuple(w) for w in split["prompt"][split["test"]].tolist()}
+    assert [len(v) for v in lists.values()] == [30, 5, 10]
+    assert not (lists["train"] & lists["dev"] or lists["dev"] & lists["test"])
+    assert not lists["train"] & lists["test"]
 
 
 def test_training_moves_only_the_adapter_and_memory_is_measured(small_task):
@@ -403,12 +415,38 @@ def _claims_results(full_acc, lora_acc, lora_forget, energy8):
         k: {"ms": {"median": m, "min": lo, "max": hi}, "speed_vs_full": 10.0 / m}
         for k, (m, lo, hi) in ms.items()
     }
+    table["prefix"]["answer_losses"] = [5.1, 5.4, 0.02]
+    cand = {
+        "full": {"3e-4": (3e-4, 0.8, 1.0), "1e-3": (1e-3, 0.99, 2.0), "3e-3": (3e-3, 1.0, 5.0)},
+        "lora": {"1e-3": (1e-3, 0.1, 0.5), "3e-3": (3e-3, 1.0, 1.5 if lora_forget < 0.5 else 3)},
+        "prefix": {"3e-2": (3e-2, 0.0, 0.1)},
+    }
+    lr_choice = {
+        f: {
+            "method": fine_tuning.LR_FAMILIES[f],
+            "chosen": max(c),
+            "candidates": {
+                k: {"lr": lr, "dev_accuracy": a, "dev_loss": 1.0, "forgetting": fg}
+                for k, (lr, a, fg) in c.items()
+            },
+        }
+        for f, c in cand.items()
+    }
     return {
         "parity": {"skipped": "x"},
         "own_checks": own,
         "table": table,
         "spectra": spectra,
         "step_time": step_time,
+        "lr_choice": lr_choice,
+        "task": {"uniform_word_loss": 3.18, "n_vocab_words": 24},
+        "prefix_one_example": {
+            "steps": 200,
+            "lr": 0.1,
+            "loss_start": 8.5,
+            "loss_end": 0.7 if energy8 > 0.5 else 3.0,
+            "exact": energy8 > 0.5,
+        },
     }
 
 
@@ -431,10 +469,41 @@ def test_claims_follow_the_numbers():
     assert not bad["lora_step_faster"]["held"]
     assert "no clear speed-up" in bad["lora_step_faster"]["statement"]
     assert "2.50x" in good["lora_step_faster"]["statement"]
+    # prefix tuning: a fit on one list (exact) vs a broken-looking run (not exact)
+    assert good["prefix_gradient_works"]["held"]
+    assert "can memorise, not which words" in good["prefix_gradient_works"]["statement"]
+    assert "above 3.18" in good["prefix_gradient_works"]["statement"]
+    assert not bad["prefix_gradient_works"]["held"]
+    assert "not exact" in bad["prefix_gradient_works"]["statement"]
+    assert "memorise" not in bad["prefix_gradient_works"]["statement"]
+    # forgetting at matched accuracy: full at 1e-3 (first >= 95%) vs LoRA at 3e-3
+    m = good["forgetting_at_matched_accuracy"]
+    assert m["held"] and "(lr 0.001) moves the validation loss by +2.000" in m["statement"]
+    assert not bad["forgetting_at_matched_accuracy"]["held"]
+    assert "did not forget less" in bad["forgetting_at_matched_accuracy"]["statement"]
     nothing = fine_tuning.fine_tuning_claims(_claims_results(0.0, 0.0, 0.01, 0.9))
     assert not nothing["prefix_tuning_learns"]["held"]
     assert "did not learn the task" in nothing["prefix_tuning_learns"]["statement"]
     assert not nothing["lora_r8_near_full"]["held"]  # level at 0% is no success
+
+
+def test_learning_rate_choice_follows_the_dev_split():
+    """The lowest rate within 1 point of the best dev exact match (the test split never looks)."""
+    c = {
+        "1e-3": {"lr": 1e-3, "dev_accuracy": 0.90, "dev_loss": 0.01},
+        "3e-3": {"lr": 3e-3, "dev_accuracy": 1.0, "dev_loss": 0.2},
+        "1e-2": {"lr": 1e-2, "dev_accuracy": 0.995, "dev_loss": 0.1},
+    }
+    assert fine_tuning.pick_learning_rate(c) == "3e-3"  # 1e-3 is 10 points behind
+    c["1e-3"]["dev_accuracy"] = 0.991
+    assert fine_tuning.pick_learning_rate(c) == "1e-3"  # within 1 point: the gentlest
+    assert fine_tuning.pick_learning_rate(c, within=0.0) == "3e-3"
+    for v in c.values():
+        v["dev_accuracy"] = 0.0  # nothing learned: still the gentlest
+    assert fine_tuning.pick_learning_rate(c) == "1e-3"
+    c["1e-3"]["dev_accuracy"] = 1.0
+    assert fine_tuning.gentlest_rate(c)["lr"] == 1e-3
+    assert fine_tuning.gentlest_rate(c, at_least=1.01) is None
 
 
 def test_titles_follow_the_numbers():
@@ -464,10 +533,28 @@ def test_quick_run_writes_the_table_and_figures(run_main):
     assert own["prefix_grad_norm"] > 0 and own["frozen_params_with_grad"] == 0
     assert set(r["claims"]) >= {"lora_r8_near_full", "update_is_low_rank", "lora_step_faster"}
     assert {"task", "step_time", "spectra", "own_checks", "claims"} <= r.keys()
+    assert set(r["lr_choice"]) == set(fine_tuning.LR_FAMILIES)
+    for family, c in r["lr_choice"].items():
+        assert c["chosen"] in c["candidates"]
+        assert {row["lr"] for row in c["candidates"].values()} == set(
+            fine_tuning.SIZES["quick"]["lr_grid"][family]
+        )
+    for name, row in r["table"].items():  # every method trains at its family's chosen rate
+        c = r["lr_choice"][fine_tuning.lr_family(name)]
+        assert row["lr"] == c["candidates"][c["chosen"]]["lr"]
+        assert len(row["answer_losses"]) == r["task"]["n_words"] + 1
+    assert {"loss_start", "loss_end", "exact"} <= r["prefix_one_example"].keys()
     assert {p.name for p in run.pngs} == {
-        f"{n}.png" for n in ("loss_curves", "accuracy_vs_params", "memory", "delta_w_spectra")
+        f"{n}.png"
+        for n in (
+            "loss_curves",
+            "accuracy_vs_params",
+            "memory",
+            "delta_w_spectra",
+            "learning_vs_forgetting",
+        )
     }
-    assert "[6/6] drawing figures ..." in run.stdout
+    assert "[8/8] drawing figures ..." in run.stdout
 
 
 def test_dropout_acts_on_the_lora_input_only_in_training():
