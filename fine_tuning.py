@@ -523,8 +523,10 @@ def reversal_task(tok, n_words: int, n_train: int, n_test: int, seed: int, n_dev
     train on), ``dev`` (to choose the learning rate on) and ``test`` (held out, reported).
     Returns token ids ``prompt`` (N, prompt_len) and ``answer`` (N, n_words + 1) and the splits."""
     _check_sizes(n_words=n_words, n_train=n_train, n_test=n_test)
-    if isinstance(n_dev, bool) or not isinstance(n_dev, numbers.Integral) or n_dev < 0:
-        raise ValueError(f"n_dev ({n_dev!r}) must be an int >= 0")
+    if isinstance(n_dev, bool) or not isinstance(n_dev, numbers.Integral):
+        raise TypeError(f"n_dev ({n_dev!r}) must be an int")
+    if n_dev < 0:
+        raise ValueError(f"n_dev ({n_dev}) must be >= 0")
     words = [w for w in REVERSE_WORDS if len(tok.encode_ordinary(" " + w)) == 1]
     n_all = n_train + n_dev + n_test
     if len(words) < n_words or math.perm(len(words), n_words) < n_all:

@@ -338,6 +338,8 @@ def test_reversal_task(small_task):
         fine_tuning.reversal_task(tok, 1, 30, 10, seed=0)
     with pytest.raises(ValueError, match="n_dev"):
         fine_tuning.reversal_task(tok, 2, 30, 10, seed=0, n_dev=-1)
+    with pytest.raises(TypeError, match="n_dev"):
+        fine_tuning.reversal_task(tok, 2, 30, 10, seed=0, n_dev=2.0)
     split = fine_tuning.reversal_task(tok, 2, 30, 10, seed=0, n_dev=5)
     lists = {k: {tuple(w) for w in split["prompt"][split[k]].tolist()} for k in ("train", "dev")}
     lists["test"] = {tuple(w) for w in split["prompt"][split["test"]].tolist()}
