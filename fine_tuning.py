@@ -1359,7 +1359,8 @@ def _prefix_diagnosis_claim(results: dict) -> dict:
         f"among the {results['task']['n_vocab_words']} words) and the newline at {newline:.2f}"
     )
     if fit["exact"] and min(words) > uniform:
-        statement += ": it learns where the answer ends and can memorise, not which words"
+        ends = "learns where the answer ends and " if newline < 0.1 else ""
+        statement += f": it {ends}can memorise, not which words"
     return claim(statement, fit["exact"] and (grad_ok or not grads), grad_checked=bool(grads))
 
 

@@ -473,7 +473,12 @@ def test_claims_follow_the_numbers():
     assert "2.50x" in good["lora_step_faster"]["statement"]
     # prefix tuning: a fit on one list (exact) vs a broken-looking run (not exact)
     assert good["prefix_gradient_works"]["held"]
-    assert "can memorise, not which words" in good["prefix_gradient_works"]["statement"]
+    good_prefix = good["prefix_gradient_works"]["statement"]
+    assert "learns where the answer ends and can memorise, not which words" in good_prefix
+    r = _claims_results(0.99, 0.97, 0.01, 0.9)
+    r["table"]["prefix"]["answer_losses"][-1] = 2.0  # the newline not learned either
+    no_end = fine_tuning.fine_tuning_claims(r)["prefix_gradient_works"]["statement"]
+    assert "where the answer ends" not in no_end and "can memorise" in no_end
     assert "above 3.18" in good["prefix_gradient_works"]["statement"]
     assert not bad["prefix_gradient_works"]["held"]
     assert "not exact" in bad["prefix_gradient_works"]["statement"]
