@@ -13,7 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts=(
     kv_caching positional_embeddings swiglu grouped_query_attention multihead_latent_attention
-    flash_attention tokenization training evaluation quantization distributed_training
+    flash_attention tokenization training evaluation quantization fine_tuning
+    distributed_training
 )
 if (($# > 0)); then
     for name in "$@"; do

@@ -38,6 +38,7 @@ SCRIPTS = [
     "evaluation",
     "quantization",
     "distributed_training",
+    "fine_tuning",
 ]
 SHARED_FLAGS = ["--quick", "--out", "--no-show", "--device", "--seed"]
 HEADLINE = {
@@ -52,6 +53,7 @@ HEADLINE = {
     "evaluation": "perplexity",
     "quantization": "QuantizedLinear",
     "distributed_training": "ring_all_reduce",
+    "fine_tuning": "LoRALinear",
 }
 SECTIONS = ["Core", "Baselines and apparatus", "Experiments", "Figures", "Main", "Plumbing"]
 BANNER = re.compile(r"^# (\d)\. ([A-Z][a-z]+(?: [a-z]+)*)", flags=re.MULTILINE)
