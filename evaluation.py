@@ -620,8 +620,9 @@ def build_choice_task(
     paragraphs (seeded). Every choice has the same number of words, so no choice wins by being
     short in words; characters and tokens still differ (what acc_norm is about). The gold spans
     of two questions never overlap, but questions from one paragraph share words (one's gold can
-    be part of another's context), so they are not quite independent for the bootstrap. Each question: ``context``, ``choices`` (strings without
-    the leading space; the request adds " " as lm-eval's target delimiter) and ``gold``."""
+    be part of another's context), so they are not quite independent for the bootstrap. Each
+    question: ``context``, ``choices`` (strings without the leading space; the request adds " "
+    as lm-eval's target delimiter) and ``gold``."""
     _check_sizes(
         n_questions=n_questions, n_choices=n_choices, n_words=n_words, min_context=min_context
     )
