@@ -136,12 +136,12 @@ Contents
    ``one_f_one_b_schedule``, ``run_pipeline`` (7).
 3. Baselines and apparatus: the door checks (``_check_sizes``, ``_check_float_tensor``,
    ``_check_tp_divides``, ``_check_tp_layer``, ``check_parallel_sizes``); the launcher
-   (``free_port``, ``dist_backend``, ``under_torchrun``, ``worker_main``, ``launch_workers``:
-   fork, timeouts, teardown, torchrun); accounting (``zero_full_parameters``, ``held_bytes``,
-   ``optimizer_state_bytes``, ``STRATEGIES``, ``BYTES_FP32``, ``BYTES_PAPER``,
-   ``memory_formula``, ``comm_formula``, ``LLAMA2``, ``llama2_params``,
-   ``schedule_idle_fraction``, ``bubble_formula``); the model and data (``model_config``,
-   ``seeded_llama``, ``rank_batches``, ``global_batches``); the references
+   (``start_method``, ``free_port``, ``dist_backend``, ``under_torchrun``, ``worker_main``,
+   ``launch_workers``: fork, timeouts, teardown, torchrun); accounting
+   (``zero_full_parameters``, ``held_bytes``, ``optimizer_state_bytes``, ``STRATEGIES``,
+   ``BYTES_FP32``, ``BYTES_PAPER``, ``memory_formula``, ``comm_formula``, ``LLAMA2``,
+   ``llama2_params``, ``schedule_idle_fraction``, ``bubble_formula``); the model and data
+   (``model_config``, ``seeded_llama``, ``rank_batches``, ``global_batches``); the references
    (``reference_train``, ``reference_gradient``, ``zero_rank_slices``, ``ddp_train``,
    ``fsdp2_train``, ``dtensor_block``).
 4. Experiments: ``claim``, ``print_claims``, ``STEP_ADAMW``; in every worker ``check_ring``,
@@ -654,6 +654,12 @@ def check_parallel_sizes(
         raise ValueError(f"n_micro ({n_micro}) must divide batch_size ({batch_size})")
 
 
+def start_method(device_type: str) -> str:
+    """How ``launch_workers`` starts its processes: fork where the platform has it (~4x faster
+    to start than spawn), spawn for CUDA (a process that has touched CUDA cannot be forked)."""
+    return "fork" if "fork" in mp.get_all_start_methods() and device_type != "cuda" else "spawn"
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now (the OS picks it), for MASTER_PORT."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -730,15 +736,13 @@ def launch_workers(
     fn, args: tuple, world_size: int, device_type: str = "cpu", timeout_s: float = 300
 ) -> list | None:
     """Run ``fn(*args)`` on ``world_size`` ranks of one process group and return their results
-    (rank order). Starts the workers on this machine (fork where the platform has it: ~4x
-    faster to start than spawn; spawn for CUDA, which cannot be forked) on a free port, and
+    (rank order). Starts the workers on this machine (``start_method``) on a free port, and
     always joins every one: a worker that fails, dies or outlives ``timeout_s`` gets them all
     killed, then an error. Under torchrun this process is one of the ranks (None if not 0)."""
     _check_sizes(world_size=world_size)
     if under_torchrun():
         return worker_main(fn, args, world_size, device_type, timeout_s)
-    fork = "fork" in mp.get_all_start_methods() and device_type != "cuda"
-    ctx = mp.get_context("fork" if fork else "spawn")
+    ctx = mp.get_context(start_method(device_type))
     results = ctx.Queue()
     port = free_port()
     procs = [
@@ -2325,11 +2329,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def setup_info(args, sizes: dict, device_type: str) -> dict:
     cfg = model_config(sizes, sizes["vocab_size"])
-    launcher = (
-        "torchrun"
-        if under_torchrun()
-        else ("fork" if "fork" in mp.get_all_start_methods() and device_type != "cuda" else "spawn")
-    )
+    launcher = "torchrun" if under_torchrun() else start_method(device_type)
     return {
         "world_size": args.world_size,
         "launcher": launcher,
