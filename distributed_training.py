@@ -60,7 +60,8 @@ N ranks, a tensor of n elements, Psi parameters, element size 4 bytes (fp32 here
     (6) f: forward x -> x, backward dL/dx = sum_r dL/dx_r (all-reduce);  g: forward
         y = sum_r y_r (all-reduce), backward dL/dy_r = dL/dy: each is the other's transpose
     (7) pipeline bubble (p stages, m micro-batches, equal forward and backward times per stage):
-        idle fraction = (p - 1) / (m + p - 1), for GPipe and for 1F1B. Equal layers per stage
+        idle fraction = (p - 1) / (m + p - 1), for GPipe and for 1F1B (Narayanan et al.
+        write the same bubble as (p - 1) / m of the ideal, bubble-free time). Equal layers per stage
         are not equal times (the head over a 4,097-token vocabulary costs several layers), so
         the run also cuts the model by measured time (torchgpipe's balance_by_time)
 
@@ -109,7 +110,7 @@ References
   Parallelism", 2019, arXiv 1909.08053 (section 3: f and g).
 - Huang et al., "GPipe", 2018, arXiv 1811.06965; Narayanan et al., "Efficient Large-Scale
   Language Model Training on GPU Clusters Using Megatron-LM", 2021, arXiv 2104.04473 (1F1B,
-  the bubble (p - 1) / (m + p - 1)).
+  the bubble, (p - 1) / m of the ideal time there, (p - 1) / (m + p - 1) of the total here).
 - Li et al., "PyTorch Distributed: Experiences on Accelerating Data Parallel Training", 2020,
   arXiv 2006.15704 (DDP's buckets and no_sync); Zhao et al., "PyTorch FSDP", 2023,
   arXiv 2304.11277.
