@@ -68,12 +68,16 @@ def test_data_parallel_equals_ddp_and_one_process(quick):
     # Adam's 1 / (sqrt(v) + eps) magnifies that where gradients are tiny
     assert dp["max_err_vs_ddp"] <= TOL
     assert dp["max_err_vs_one_process"] <= 1e-3
+    # the averaged gradient itself (AdamW would hide a missing 1/N nearly: scale-free but eps)
+    assert dp["grad_max_err_vs_one_process_fp64"] <= 1e-12
+    assert dp["grad_max_err_vs_one_process"] <= 1e-6
 
 
 def test_accumulation_communicates_only_on_the_last_micro_step(quick):
     dp = quick["data_parallel"]
     assert dp["accumulation"] >= 2
     assert dp["all_reduces_per_step"] == dp["buckets"]  # once per bucket, not per micro-step
+    assert dp["ddp_all_reduces_per_step_no_sync"] >= 1  # DDP's hook really ran (0 == 2 * 0)
     assert dp["ddp_all_reduces_per_step_without_no_sync"] == (
         dp["accumulation"] * dp["ddp_all_reduces_per_step_no_sync"]
     )
@@ -88,6 +92,19 @@ def test_zero_stages_and_fsdp2_equal_one_process_adamw(quick):
     for stage in ("zero1", "zero2", "zero3"):
         assert quick["zero"][stage]["max_err_vs_fsdp2_fp64"] <= TOL, stage
         assert quick["zero"][stage]["max_err_vs_fsdp2"] <= TOL, stage
+        # each rank's reduce-scattered slice of the averaged first-step gradient
+        assert quick["zero"][stage]["grad_max_err_vs_one_process_fp64"] <= 1e-12, stage
+        assert quick["zero"][stage]["grad_max_err_vs_one_process"] <= 1e-6, stage
+
+
+def test_fsdp2_really_shards_the_model_state(quick):
+    """FSDP2 holds 1/N of parameters, gradients and AdamW state (to 1%: its uneven last rows),
+    like ZeRO-3, not the whole model as DDP does."""
+    mem, n = quick["memory"], quick["world_size"]
+    ddp = mem["ddp"]["measured"][0]
+    for rank in mem["fsdp2"]["measured"]:
+        for part in ("params", "grads", "optimizer"):
+            assert 0.99 * ddp[part] <= n * rank[part] <= 1.01 * ddp[part], part
 
 
 def test_memory_measured_equals_formula(quick):
@@ -123,6 +140,7 @@ def test_tensor_parallel_equals_full_layer_and_dtensor(quick):
         for key in ("grad_max_err", "dtensor_grad_max_err"):  # fp32 sums over the tokens
             assert tp[key] <= 1e-6 * tp["grad_scale"], (block, key)
         assert tp["params_bytes_ours"] * quick["world_size"] == tp["params_bytes_full"]
+        assert tp["params_bytes_dtensor"] == tp["params_bytes_ours"]  # DTensor really sharded
         for sent in tp["bytes_per_step_per_rank"]:
             assert sent == tp["bytes_formula"]  # f backward + g forward: 2 all-reduces
 
@@ -489,5 +507,6 @@ def test_bad_flags_exit_2(argv, flag, capsys, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_world_size_formula_math():
+def test_bubble_formula_value():
     assert math.isclose(bubble_formula(4, 8), 3 / 11)
+    assert bubble_formula(1, 5) == 0  # one stage never waits
