@@ -806,6 +806,11 @@ def check_lm_eval(model: training.Llama, tok, requests: list[tuple[str, str]]) -
         return {"skipped": "lm-eval or transformers not installed: not checked"}
     hf.load_state_dict(model.state_dict(), strict=True)
     lm = HFLM(pretrained=hf, tokenizer=fast_tokenizer_from_ranks(), batch_size=16)
+    # one request whose continuation is the model's own greedy one, so is_greedy is tested
+    # on a True as well as on Falses
+    ctx = requests[0][0].rstrip()  # encode_pair would move a trailing space
+    prompt = torch.tensor([tok.encode_ordinary(ctx)[-(model.config.max_seq_len - 4) :]])
+    requests = [*requests, (ctx, tok.decode(continue_ids(model, prompt, 3)[0].tolist()))]
     insts = [Instance("loglikelihood", {}, r, i) for i, r in enumerate(requests)]
     theirs = lm.loglikelihood(insts, disable_tqdm=True)
     pairs = [encode_pair(tok, c, k) for c, k in requests]
@@ -1050,6 +1055,12 @@ def stride_title(sweep: dict) -> str:
             f"Token-weighted perplexity {none['perplexity']:.1f} without overlap: overlapping "
             "windows did not lower it in this run"
         )
+    last = rows[-1]
+    if best is not last and best["perplexity"] < none["perplexity"]:
+        first += (
+            f";\nstride {last['stride']} gives {last['perplexity']:.1f} (context past "
+            f"{sweep['window'] - best['stride']} tokens did not lower it further)"
+        )
     return (
         f"{first};\nthe window average is off by up to {100 * gap:.1f}% (every window weighs "
         "the same, whatever the number of tokens it scores)"
@@ -1172,7 +1183,7 @@ def evaluation_claims(results: dict) -> dict:
             f"loglikelihood equals lm-evaluation-harness's HFLM on {r['requests']} requests: "
             f"max relative error {r['max_rel_err']:.1e} (float32's resolution: max abs error "
             f"{r['max_abs_err']:.1e} nats on log-likelihoods down to -{r['largest_abs_ll']:.0f}),"
-            f" is_greedy agrees on {r['is_greedy_agree']}",
+            f" is_greedy agrees on {r['is_greedy_agree']} ({r['greedy_true']} of them greedy)",
             r["max_rel_err"] < 1e-6 and r["is_greedy_agree"] == r["requests"],
         )
     p = results["pass_at_k_check"]
@@ -1499,7 +1510,8 @@ def print_references(ref: dict, p: dict) -> None:
             print(
                 f"  loglikelihood vs lm-eval HFLM on {r['requests']} requests: max rel err "
                 f"{r['max_rel_err']:.1e} (abs {r['max_abs_err']:.1e} nats: lm-eval sums in "
-                f"float32), is_greedy agrees on {r['is_greedy_agree']}"
+                f"float32), is_greedy agrees on {r['is_greedy_agree']} ({r['greedy_true']} "
+                "of them greedy)"
             )
         else:
             ref_name = "transformers" if name == "perplexity" else "sacrebleu"

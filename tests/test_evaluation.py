@@ -227,6 +227,14 @@ def test_loglikelihood_equals_lm_eval_hflm():
     assert ours[-1][1], "the greedy continuation is not greedy"
 
 
+def test_check_lm_eval_reports_parity_and_a_greedy_request():
+    torch.set_num_threads(1)
+    r = evaluation.check_lm_eval(trained(), data()["tok"], requests(0)[1:4])
+    assert r["requests"] == 4  # the three given and the model's own greedy continuation
+    assert r["max_rel_err"] < 1e-6 and r["is_greedy_agree"] == 4
+    assert r["greedy_true"] >= 1
+
+
 def test_acc_and_acc_norm_equal_lm_eval_process_results():
     from lm_eval.api.task import ConfigurableTask
 
@@ -451,8 +459,13 @@ def test_titles_follow_the_numbers():
     assert "10.0 without overlap (stride 128), 9.0 at best (stride 64)" in evaluation.stride_title(
         {"rows": rows}
     )
+    rows.append({"stride": 32, "perplexity": 9.5, "window_averaged": 9.3, "windows": 8})
+    title = evaluation.stride_title({"rows": rows, "window": 128})
+    assert "stride 32 gives 9.5 (context past 64 tokens did not lower it further)" in title
+    rows.pop()
     rows[1]["perplexity"] = 11.0
     assert "did not lower it" in evaluation.stride_title({"rows": rows})
+    assert "further" not in evaluation.stride_title({"rows": rows})
     assert "off by up to 16.4%" in evaluation.stride_title({"rows": rows})  # 9.2 vs 11.0
     pos = {"context": list(range(1, 21)), "loss": [5.0] * 4 + [4.0] * 16}
     assert "Loss falls" in evaluation.position_title(pos)
