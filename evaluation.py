@@ -138,6 +138,7 @@ import platform
 import re
 import shutil
 import tempfile
+import types
 from pathlib import Path
 
 import matplotlib
@@ -543,7 +544,8 @@ class NgramLM(nn.Module):
             table = p.log().float()  # (vocab, vocab)
         self.order = order
         self.register_buffer("table", table)
-        self.config = argparse.Namespace(max_seq_len=10**9, vocab_size=vocab_size)
+        # the attributes the scorers read from a model's config; no context limit
+        self.config = types.SimpleNamespace(max_seq_len=10**9, vocab_size=vocab_size)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.order == 1:
@@ -1629,7 +1631,7 @@ def compared_models(model: training.Llama, data: dict, seed: int, alpha_windows:
 
 
 def card_results(evaluated: dict, tasks: dict, sizes: dict, seed: int) -> dict:
-    """The report card, what it was measured on, and the reliability data of three models."""
+    """The report card, what it was measured on, and every model's reliability data."""
     return {
         "tasks": {
             "questions": len(tasks["choice"]),
