@@ -97,7 +97,7 @@ References
 
 Contents
 --------
-2. Core: ``score_windows``, ``window_perplexities`` and ``perplexity`` (1, 2), ``encode_pair``,
+2. Core: ``perplexity``, ``score_windows`` and ``window_perplexities`` (1, 2), ``encode_pair``,
    ``loglikelihood_tokens`` and ``loglikelihood`` (3), ``choose_answers`` (4),
    ``bootstrap_interval`` and ``paired_bootstrap`` (5), ``tokenize_13a``, ``bleu_stats``,
    ``bleu_from_stats`` and ``corpus_bleu`` (6), ``rouge_tokens`` and ``rouge_l`` (7),
@@ -120,7 +120,7 @@ Contents
    ``lm_eval_requests``, ``build_card_tasks``, ``compared_models``, ``card_results``, ``main``.
 7. Plumbing (identical in every script).
 
-Read first: ``score_windows`` and ``perplexity`` (the sliding window), then ``encode_pair`` and
+Read first: ``perplexity`` and ``score_windows`` (the sliding window), then ``encode_pair`` and
 ``loglikelihood_tokens`` (where the token boundary goes), then ``bootstrap_interval`` and
 ``paired_bootstrap``, then ``compare_card_models`` (which differences are inside the noise).
 """
@@ -152,6 +152,28 @@ from tokenization import ENDOFTEXT, load_corpus
 # =============================================================================
 # 2. Core: sliding-window perplexity, log-likelihoods, intervals, BLEU, ROUGE-L, pass@k, ECE
 # =============================================================================
+
+
+def perplexity(model: nn.Module, ids: torch.Tensor, window: int, stride: int) -> dict:
+    """Sliding-window perplexity of ``model`` on token ids (N,): (1) token-weighted, the right
+    one, next to (2) exp of the mean over windows of each window's mean loss, the one people
+    get wrong (the windows score different numbers of tokens). Each target is scored once,
+    after as much context as the window allows; see ``score_windows``.
+
+    Returns ``perplexity`` (1), ``window_averaged`` (2), ``loss`` (nats per token),
+    ``tokens`` (targets scored) and ``windows``.
+
+    >>> cfg = training.ModelConfig(vocab_size=50, d_model=16, n_layers=1, n_heads=2,
+    ...                            n_kv_heads=1, hidden_dim=32, max_seq_len=16)
+    >>> model = training.Llama(cfg).eval()  # untrained: about uniform over 50 tokens
+    >>> ids = torch.arange(40) % 50
+    >>> r = perplexity(model, ids, window=16, stride=8)
+    >>> round(r["perplexity"]), r["tokens"], r["windows"]  # targets 1..39, each once
+    (50, 39, 4)
+    >>> perplexity(model, ids, window=16, stride=16)["tokens"]  # no overlap: 3 tokens unscored
+    37
+    """
+    return window_perplexities(score_windows(model, ids, window, stride))
 
 
 @torch.no_grad()
@@ -220,28 +242,6 @@ def window_perplexities(scores: dict) -> dict:
         "tokens": len(loss),
         "windows": scores["n_windows"],
     }
-
-
-def perplexity(model: nn.Module, ids: torch.Tensor, window: int, stride: int) -> dict:
-    """Sliding-window perplexity of ``model`` on token ids (N,): (1) token-weighted, the right
-    one, next to (2) the mean over windows of each window's perplexity exponent, the one people
-    get wrong (the windows score different numbers of tokens). Each target is scored once,
-    after as much context as the window allows; see ``score_windows``.
-
-    Returns ``perplexity`` (1), ``window_averaged`` (2), ``loss`` (nats per token),
-    ``tokens`` (targets scored) and ``windows``.
-
-    >>> cfg = training.ModelConfig(vocab_size=50, d_model=16, n_layers=1, n_heads=2,
-    ...                            n_kv_heads=1, hidden_dim=32, max_seq_len=16)
-    >>> model = training.Llama(cfg).eval()  # untrained: about uniform over 50 tokens
-    >>> ids = torch.arange(40) % 50
-    >>> r = perplexity(model, ids, window=16, stride=8)
-    >>> round(r["perplexity"]), r["tokens"], r["windows"]  # targets 1..39, each once
-    (50, 39, 4)
-    >>> perplexity(model, ids, window=16, stride=16)["tokens"]  # no overlap: 3 tokens unscored
-    37
-    """
-    return window_perplexities(score_windows(model, ids, window, stride))
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
