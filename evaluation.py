@@ -97,7 +97,7 @@ References
 
 Contents
 --------
-2. Core: ``score_windows``, ``window_perplexities`` and ``perplexity`` (1, 2), ``encode_pair``,
+2. Core: ``perplexity``, ``score_windows`` and ``window_perplexities`` (1, 2), ``encode_pair``,
    ``loglikelihood_tokens`` and ``loglikelihood`` (3), ``choose_answers`` (4),
    ``bootstrap_interval`` and ``paired_bootstrap`` (5), ``tokenize_13a``, ``bleu_stats``,
    ``bleu_from_stats`` and ``corpus_bleu`` (6), ``rouge_tokens`` and ``rouge_l`` (7),
@@ -120,7 +120,7 @@ Contents
    ``lm_eval_requests``, ``build_card_tasks``, ``compared_models``, ``card_results``, ``main``.
 7. Plumbing (identical in every script).
 
-Read first: ``score_windows`` and ``perplexity`` (the sliding window), then ``encode_pair`` and
+Read first: ``perplexity`` and ``score_windows`` (the sliding window), then ``encode_pair`` and
 ``loglikelihood_tokens`` (where the token boundary goes), then ``bootstrap_interval`` and
 ``paired_bootstrap``, then ``compare_card_models`` (which differences are inside the noise).
 """
@@ -138,6 +138,7 @@ import platform
 import re
 import shutil
 import tempfile
+import types
 from pathlib import Path
 
 import matplotlib
@@ -146,11 +147,33 @@ import torch
 import torch.nn as nn
 
 import training
-from tokenization import ENDOFTEXT
+from tokenization import ENDOFTEXT, load_corpus
 
 # =============================================================================
 # 2. Core: sliding-window perplexity, log-likelihoods, intervals, BLEU, ROUGE-L, pass@k, ECE
 # =============================================================================
+
+
+def perplexity(model: nn.Module, ids: torch.Tensor, window: int, stride: int) -> dict:
+    """Sliding-window perplexity of ``model`` on token ids (N,): (1) token-weighted, the right
+    one, next to (2) exp of the mean over windows of each window's mean loss, the one people
+    get wrong (the windows score different numbers of tokens). Each target is scored once,
+    after as much context as the window allows; see ``score_windows``.
+
+    Returns ``perplexity`` (1), ``window_averaged`` (2), ``loss`` (nats per token),
+    ``tokens`` (targets scored) and ``windows``.
+
+    >>> cfg = training.ModelConfig(vocab_size=50, d_model=16, n_layers=1, n_heads=2,
+    ...                            n_kv_heads=1, hidden_dim=32, max_seq_len=16)
+    >>> model = training.Llama(cfg).eval()  # untrained: about uniform over 50 tokens
+    >>> ids = torch.arange(40) % 50
+    >>> r = perplexity(model, ids, window=16, stride=8)
+    >>> round(r["perplexity"]), r["tokens"], r["windows"]  # targets 1..39, each once
+    (50, 39, 4)
+    >>> perplexity(model, ids, window=16, stride=16)["tokens"]  # no overlap: 3 tokens unscored
+    37
+    """
+    return window_perplexities(score_windows(model, ids, window, stride))
 
 
 @torch.no_grad()
@@ -221,28 +244,6 @@ def window_perplexities(scores: dict) -> dict:
     }
 
 
-def perplexity(model: nn.Module, ids: torch.Tensor, window: int, stride: int) -> dict:
-    """Sliding-window perplexity of ``model`` on token ids (N,): (1) token-weighted, the right
-    one, next to (2) the mean over windows of each window's perplexity exponent, the one people
-    get wrong (the windows score different numbers of tokens). Each target is scored once,
-    after as much context as the window allows; see ``score_windows``.
-
-    Returns ``perplexity`` (1), ``window_averaged`` (2), ``loss`` (nats per token),
-    ``tokens`` (targets scored) and ``windows``.
-
-    >>> cfg = training.ModelConfig(vocab_size=50, d_model=16, n_layers=1, n_heads=2,
-    ...                            n_kv_heads=1, hidden_dim=32, max_seq_len=16)
-    >>> model = training.Llama(cfg).eval()  # untrained: about uniform over 50 tokens
-    >>> ids = torch.arange(40) % 50
-    >>> r = perplexity(model, ids, window=16, stride=8)
-    >>> round(r["perplexity"]), r["tokens"], r["windows"]  # targets 1..39, each once
-    (50, 39, 4)
-    >>> perplexity(model, ids, window=16, stride=16)["tokens"]  # no overlap: 3 tokens unscored
-    37
-    """
-    return window_perplexities(score_windows(model, ids, window, stride))
-
-
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-evaluation-harness's token boundary between ``context`` and ``continuation``.
 
@@ -291,9 +292,11 @@ def loglikelihood_tokens(
         logits = model(x)  # (batch, width, vocab)
         for i, r in enumerate(rows):
             cont = torch.tensor(pairs[start + i][1])
-            lp = (
-                logits[i, len(r) - len(cont) : len(r)].double().log_softmax(-1)
-            )  # (len(cont), vocab)
+            # the logit at position j predicts token j + 1: the continuation, the last
+            # len(cont) tokens of context + continuation, is predicted by the input's last
+            # len(cont) positions (the padding after them is never read)
+            last = logits[i, len(r) - len(cont) : len(r)]  # (len(cont), vocab)
+            lp = last.double().log_softmax(-1)
             ll = lp.gather(1, cont[:, None]).sum().item()  # (3)
             out.append((ll, bool((lp.argmax(-1) == cont).all())))
     return out
@@ -313,7 +316,12 @@ def choose_answers(lls: torch.Tensor, choices: list[list[str]], gold: torch.Tens
     """(4) lm-eval's multiple-choice metrics, per question: ``acc`` (highest log-likelihood),
     ``acc_norm`` (highest log-likelihood per character of the choice string, as lm-eval's
     ``len(choice)``: characters, the target delimiter not counted) and ``acc_bytes`` (per UTF-8
-    byte). ``lls`` is (questions, choices); returns 0/1 float64 tensors."""
+    byte). ``lls`` is (questions, choices); returns 0/1 float64 tensors.
+
+    Why normalise: a log-likelihood is a sum of negative terms, one per token, so a longer
+    choice scores lower just for being longer and ``acc`` leans to short choices. Dividing by
+    the length in characters, not tokens, keeps the unit the same for every model (tokens
+    differ between tokenizers, characters of the same string do not)."""
     chars = torch.tensor([[len(c) for c in q] for q in choices], dtype=torch.float64)
     nbytes = torch.tensor([[len(c.encode()) for c in q] for q in choices], dtype=torch.float64)
     return {
@@ -536,7 +544,8 @@ class NgramLM(nn.Module):
             table = p.log().float()  # (vocab, vocab)
         self.order = order
         self.register_buffer("table", table)
-        self.config = argparse.Namespace(max_seq_len=10**9, vocab_size=vocab_size)
+        # the attributes the scorers read from a model's config; no context limit
+        self.config = types.SimpleNamespace(max_seq_len=10**9, vocab_size=vocab_size)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.order == 1:
@@ -799,6 +808,11 @@ def check_lm_eval(model: training.Llama, tok, requests: list[tuple[str, str]]) -
         return {"skipped": "lm-eval or transformers not installed: not checked"}
     hf.load_state_dict(model.state_dict(), strict=True)
     lm = HFLM(pretrained=hf, tokenizer=fast_tokenizer_from_ranks(), batch_size=16)
+    # one request whose continuation is the model's own greedy one, so is_greedy is tested
+    # on a True as well as on Falses
+    ctx = requests[0][0].rstrip()  # encode_pair would move a trailing space
+    prompt = torch.tensor([tok.encode_ordinary(ctx)[-(model.config.max_seq_len - 4) :]])
+    requests = [*requests, (ctx, tok.decode(continue_ids(model, prompt, 3)[0].tolist()))]
     insts = [Instance("loglikelihood", {}, r, i) for i, r in enumerate(requests)]
     theirs = lm.loglikelihood(insts, disable_tqdm=True)
     pairs = [encode_pair(tok, c, k) for c, k in requests]
@@ -853,7 +867,10 @@ def evaluate_card_model(
     if scores is None:
         scores = score_windows(model, ids, sizes["window"], sizes["stride"])
     ppl = window_perplexities(scores)
-    scored = torch.cat([ids[:1], ids[scores["target"]]])[None]  # bits_per_byte's targets
+    # (2'): training.bits_per_byte counts the bytes of windows[:, 1:], so put a dummy first
+    # token before the scored targets: only the text that was scored counts (with stride =
+    # window, each window's first token is not scored and its bytes are not counted)
+    scored = torch.cat([ids[:1], ids[scores["target"]]])[None]  # (1, 1 + targets)
     questions = tasks["choice"]
     pairs = [encode_pair(tok, q["context"], " " + c) for q in questions for c in q["choices"]]
     lls = loglikelihood_tokens(model, pairs, tasks["max_len"])
@@ -875,6 +892,7 @@ def evaluate_card_model(
     calib = expected_calibration_error(scores["confidence"], scores["correct"], sizes["bins"])
     win = scores["window"]
     chars = torch.tensor([[len(c) for c in q["choices"]] for q in questions])
+    shortest, norm_picks = chars.argmin(1), (lls / chars).argmax(1)
     rouge = [rouge_l(r, h)["fmeasure"] for h, r in zip(hyps, refs, strict=True)]
     return {
         "items": {  # per window, per prompt: what the bootstrap resamples
@@ -893,12 +911,10 @@ def evaluate_card_model(
             "tokens": ppl["tokens"],
             "bleu": corpus_bleu(hyps, refs)["score"],
             "rouge_l": sum(rouge) / len(rouge),
-            "acc_picks_shortest": (lls.argmax(1) == chars.argmin(1)).double().mean().item(),
-            "acc_norm_picks_shortest": ((lls / chars).argmax(1) == chars.argmin(1))
-            .double()
-            .mean()
-            .item(),
-            "gold_is_shortest": (gold == chars.argmin(1)).double().mean().item(),
+            # how often each rule picks the choice with the fewest characters (the length bias)
+            "acc_picks_shortest": (lls.argmax(1) == shortest).double().mean().item(),
+            "acc_norm_picks_shortest": (norm_picks == shortest).double().mean().item(),
+            "gold_is_shortest": (gold == shortest).double().mean().item(),
             "ece": calib["ece"],
             "top1_accuracy": scores["correct"].double().mean().item(),
             "correct_per_prompt": c,
@@ -939,15 +955,18 @@ def bootstrap_statistic(stat, n: int, n_boot: int, seed: int) -> dict:
 
 
 def _metric_stats(items: dict) -> dict:
-    """metric -> stat(idx) for ``bootstrap_statistic``: loss per token over resampled windows
-    (windows, not tokens, are resampled: neighbouring tokens are not independent), corpus
-    BLEU and mean ROUGE-L over resampled prompts."""
+    """metric -> (stat(idx), number of items) for ``bootstrap_statistic``: loss per token over
+    resampled windows (windows, not tokens, are resampled: neighbouring tokens are not
+    independent), corpus BLEU and mean ROUGE-L over resampled prompts."""
     loss, count = items["window_loss"], items["window_tokens"]
-    stats = items["bleu_stats"]
+    stats, rouge = items["bleu_stats"], items["rouge_l"]
     return {
-        "loss": lambda idx: loss[idx].sum(1) / count[idx].sum(1),
-        "bleu": lambda idx: torch.tensor([bleu_from_stats(stats[i].sum(0)) for i in idx]),
-        "rouge_l": lambda idx: items["rouge_l"][idx].mean(1),
+        "loss": (lambda idx: loss[idx].sum(1) / count[idx].sum(1), len(loss)),
+        "bleu": (
+            lambda idx: torch.tensor([bleu_from_stats(stats[i].sum(0)) for i in idx]),
+            len(stats),
+        ),
+        "rouge_l": (lambda idx: rouge[idx].mean(1), len(rouge)),
     }
 
 
@@ -959,18 +978,13 @@ def report_card(evaluated: dict, n_boot: int, seed: int) -> dict:
         row = {k: v for k, v in ev["row"].items() if k != "correct_per_prompt"}
         for metric in ("acc", "acc_norm", "acc_bytes"):
             row[metric] = bootstrap_interval(ev["answers"][metric], n_boot, seed)
-        intervals = {
-            m: bootstrap_statistic(f, len(ev["items"][k]), n_boot, seed)
-            for (m, f), k in zip(
-                _metric_stats(ev["items"]).items(),
-                ("window_loss", "bleu_stats", "rouge_l"),
-                strict=True,
-            )
+        iv = {
+            m: bootstrap_statistic(stat, n, n_boot, seed)
+            for m, (stat, n) in _metric_stats(ev["items"]).items()
         }
-        loss = intervals.pop("loss")
-        row["perplexity_interval"] = [math.exp(loss["low"]), math.exp(loss["high"])]
-        row["bleu_interval"] = [intervals["bleu"]["low"], intervals["bleu"]["high"]]
-        row["rouge_l_interval"] = [intervals["rouge_l"]["low"], intervals["rouge_l"]["high"]]
+        row["perplexity_interval"] = [math.exp(iv["loss"]["low"]), math.exp(iv["loss"]["high"])]
+        row["bleu_interval"] = [iv["bleu"]["low"], iv["bleu"]["high"]]
+        row["rouge_l_interval"] = [iv["rouge_l"]["low"], iv["rouge_l"]["high"]]
         card[name] = row
     return card
 
@@ -986,19 +1000,18 @@ def compare_card_models(evaluated: dict, n_boot: int, seed: int) -> dict:
             d = paired_bootstrap(ea["answers"][metric], eb["answers"][metric], n_boot, seed)
             out[f"{a}_minus_{b}_{metric}"] = {"a": a, "b": b, "metric": metric, **d}
         fa, fb = _metric_stats(ea["items"]), _metric_stats(eb["items"])
-        for metric, key in (
-            ("loss", "window_loss"),
-            ("bleu", "bleu_stats"),
-            ("rouge_l", "rouge_l"),
-        ):
+        for metric, (stat_a, n) in fa.items():  # the same resamples of the same items
+            stat_b = fb[metric][0]
             d = bootstrap_statistic(
-                lambda idx, m=metric, fa=fa, fb=fb: fa[m](idx) - fb[m](idx),
-                len(ea["items"][key]),
-                n_boot,
-                seed,
+                lambda idx, sa=stat_a, sb=stat_b: sa(idx) - sb(idx), n, n_boot, seed
             )
             d = {"mean": d.pop("value"), **d, "inside_noise": d["low"] <= 0 <= d["high"]}
             out[f"{a}_minus_{b}_{metric}"] = {"a": a, "b": b, "metric": metric, **d}
+        per_window = [e["items"]["window_loss"] / e["items"]["window_tokens"] for e in (ea, eb)]
+        # why pairing narrows the interval: both models find the same windows hard or easy
+        out[f"{a}_minus_{b}_loss"]["window_correlation"] = torch.corrcoef(torch.stack(per_window))[
+            0, 1
+        ].item()
     return out
 
 
@@ -1043,6 +1056,12 @@ def stride_title(sweep: dict) -> str:
         first = (
             f"Token-weighted perplexity {none['perplexity']:.1f} without overlap: overlapping "
             "windows did not lower it in this run"
+        )
+    last = rows[-1]
+    if best is not last and best["perplexity"] < none["perplexity"]:
+        first += (
+            f";\nstride {last['stride']} gives {last['perplexity']:.1f} (context past "
+            f"{sweep['window'] - best['stride']} tokens did not lower it further)"
         )
     return (
         f"{first};\nthe window average is off by up to {100 * gap:.1f}% (every window weighs "
@@ -1122,7 +1141,12 @@ def reading_phrases(results: dict) -> dict:
         f"[{b[0]:.0f}, {b[1]:.0f}]), and the paired interval of their loss difference "
         f"({d['low']:+.3f} to {d['high']:+.3f} nats) "
         + ("holds 0" if d["inside_noise"] else "does not hold 0")
-        + (": both models find the same windows hard" if overlap and not d["inside_noise"] else "")
+        + f"; their losses per window correlate (r = {d['window_correlation']:.2f})"
+        + (
+            ", so the pairing cancels the windows' shared difficulty"
+            if overlap and not d["inside_noise"] and d["window_correlation"] > 0.5
+            else ""
+        )
     )
     r = card["trained"]
     length = (
@@ -1161,7 +1185,7 @@ def evaluation_claims(results: dict) -> dict:
             f"loglikelihood equals lm-evaluation-harness's HFLM on {r['requests']} requests: "
             f"max relative error {r['max_rel_err']:.1e} (float32's resolution: max abs error "
             f"{r['max_abs_err']:.1e} nats on log-likelihoods down to -{r['largest_abs_ll']:.0f}),"
-            f" is_greedy agrees on {r['is_greedy_agree']}",
+            f" is_greedy agrees on {r['is_greedy_agree']} ({r['greedy_true']} of them greedy)",
             r["max_rel_err"] < 1e-6 and r["is_greedy_agree"] == r["requests"],
         )
     p = results["pass_at_k_check"]
@@ -1452,13 +1476,10 @@ SIZES = {
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = base_parser()
-    for action in parser._actions:  # argparse has no public way to reword a flag's help
-        if action.dest == "device":
-            action.help = (
-                "auto, cpu, cuda or mps (an unavailable one is refused), but evaluation.py "
-                "always computes on the CPU (small models); results.json records cpu "
-                "(default: %(default)s)"
-            )
+    parser.epilog = (
+        "evaluation.py computes on the CPU whatever --device says (the models are small; an "
+        "unavailable device is still refused); results.json records cpu."
+    )
     parser.add_argument(
         "--model",
         type=training.trained_model_dir,
@@ -1491,11 +1512,13 @@ def print_references(ref: dict, p: dict) -> None:
             print(
                 f"  loglikelihood vs lm-eval HFLM on {r['requests']} requests: max rel err "
                 f"{r['max_rel_err']:.1e} (abs {r['max_abs_err']:.1e} nats: lm-eval sums in "
-                f"float32), is_greedy agrees on {r['is_greedy_agree']}"
+                f"float32), is_greedy agrees on {r['is_greedy_agree']} ({r['greedy_true']} "
+                "of them greedy)"
             )
         else:
+            ref_name = "transformers" if name == "perplexity" else "sacrebleu"
             print(
-                f"  {name}: ours {r['ours']:.6f}, {list(r)[1]} {list(r.values())[1]:.6f}, "
+                f"  {name}: ours {r['ours']:.6f}, {ref_name} {r[ref_name]:.6f}, "
                 f"abs err {r['abs_err']:.1e}"
             )
         if name == "perplexity" and isinstance(r, dict):
@@ -1576,8 +1599,6 @@ def lm_eval_requests(tasks: dict, n_questions: int = 12) -> list[tuple[str, str]
 def build_card_tasks(data: dict, model: nn.Module, cfg: dict, seed: int) -> dict:
     """The evaluation inputs, fixed by the seed: held-out ids, questions, prompts, phrases."""
     ids = data["val"] if cfg["eval_tokens"] is None else data["val"][: cfg["eval_tokens"]]
-    from tokenization import load_corpus
-
     questions = build_choice_task(
         load_corpus()["heldout"], cfg["questions"], cfg["choices"], seed, cfg["choice_words"]
     )
@@ -1610,7 +1631,7 @@ def compared_models(model: training.Llama, data: dict, seed: int, alpha_windows:
 
 
 def card_results(evaluated: dict, tasks: dict, sizes: dict, seed: int) -> dict:
-    """The report card, what it was measured on, and the reliability data of three models."""
+    """The report card, what it was measured on, and every model's reliability data."""
     return {
         "tasks": {
             "questions": len(tasks["choice"]),

@@ -227,6 +227,14 @@ def test_loglikelihood_equals_lm_eval_hflm():
     assert ours[-1][1], "the greedy continuation is not greedy"
 
 
+def test_check_lm_eval_reports_parity_and_a_greedy_request():
+    torch.set_num_threads(1)
+    r = evaluation.check_lm_eval(trained(), data()["tok"], requests(0)[1:4])
+    assert r["requests"] == 4  # the three given and the model's own greedy continuation
+    assert r["max_rel_err"] < 1e-6 and r["is_greedy_agree"] == 4
+    assert r["greedy_true"] >= 1
+
+
 def test_acc_and_acc_norm_equal_lm_eval_process_results():
     from lm_eval.api.task import ConfigurableTask
 
@@ -451,8 +459,13 @@ def test_titles_follow_the_numbers():
     assert "10.0 without overlap (stride 128), 9.0 at best (stride 64)" in evaluation.stride_title(
         {"rows": rows}
     )
+    rows.append({"stride": 32, "perplexity": 9.5, "window_averaged": 9.3, "windows": 8})
+    title = evaluation.stride_title({"rows": rows, "window": 128})
+    assert "stride 32 gives 9.5 (context past 64 tokens did not lower it further)" in title
+    rows.pop()
     rows[1]["perplexity"] = 11.0
     assert "did not lower it" in evaluation.stride_title({"rows": rows})
+    assert "further" not in evaluation.stride_title({"rows": rows})
     assert "off by up to 16.4%" in evaluation.stride_title({"rows": rows})  # 9.2 vs 11.0
     pos = {"context": list(range(1, 21)), "loss": [5.0] * 4 + [4.0] * 16}
     assert "Loss falls" in evaluation.position_title(pos)
@@ -512,8 +525,10 @@ def test_bootstrap_statistic_resamples_like_bootstrap_interval_and_pairs_windows
     tokens = torch.randint(1, 50, (30,)).double()
     items_a = {"window_loss": loss, "window_tokens": tokens}
     items_b = {"window_loss": loss - 0.5 * tokens, "window_tokens": tokens}
-    fa = evaluation._metric_stats({**items_a, "bleu_stats": None, "rouge_l": None})["loss"]
-    fb = evaluation._metric_stats({**items_b, "bleu_stats": None, "rouge_l": None})["loss"]
+    empty = {"bleu_stats": torch.zeros(0), "rouge_l": torch.zeros(0)}
+    fa, n = evaluation._metric_stats({**items_a, **empty})["loss"]
+    fb, _ = evaluation._metric_stats({**items_b, **empty})["loss"]
+    assert n == 30
     d = evaluation.bootstrap_statistic(lambda idx: fa(idx) - fb(idx), 30, 300, 0)
     assert d["value"] == pytest.approx(0.5) and d["low"] == pytest.approx(0.5)
 
@@ -586,7 +601,7 @@ def test_reading_phrases_follow_the_numbers():
         "gold_is_shortest": 0.3,
     }
     card = {m: dict(row) for m in evaluation.CARD_MODELS}
-    d = {"low": -0.2, "high": -0.1, "inside_noise": False}
+    d = {"low": -0.2, "high": -0.1, "inside_noise": False, "window_correlation": 0.9}
     results = {
         "report_card": card,
         "tasks": {"choices": 4},
@@ -595,6 +610,10 @@ def test_reading_phrases_follow_the_numbers():
     p = evaluation.reading_phrases(results)
     assert "every model's acc interval holds chance (25%)" in p["chance_phrase"]
     assert "overlap" in p["paired_phrase"] and "does not hold 0" in p["paired_phrase"]
+    assert "(r = 0.90), so the pairing cancels" in p["paired_phrase"]
+    d["window_correlation"] = 0.1
+    assert "cancels" not in evaluation.reading_phrases(results)["paired_phrase"]
+    d["window_correlation"] = 0.9
     card["trained"] = {**row, "acc": {"low": 0.3, "high": 0.5}, "perplexity_interval": [100, 120]}
     d.update(low=-0.1, high=0.1, inside_noise=True)
     p = evaluation.reading_phrases(results)
@@ -611,3 +630,30 @@ def test_continue_ids_greedy_equals_generate_with_the_cache():
     gen_a, gen_b = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
     a = evaluation.continue_ids(trained(), ids, 4, temperature=1.0, generator=gen_a)
     assert torch.equal(a, evaluation.continue_ids(trained(), ids, 4, 1.0, gen_b))
+
+
+def test_compare_card_models_pairs_the_same_items_and_measures_their_correlation():
+    gen = torch.Generator().manual_seed(4)
+    tokens = torch.randint(20, 64, (40,), generator=gen).double()
+    hard = torch.rand(40, generator=gen, dtype=torch.float64) * 3  # shared difficulty
+    answers = (torch.rand(100, generator=gen) < 0.5).double()
+
+    def fake(shift: float) -> dict:
+        stats = evaluation.bleu_stats(["the value is returned"] * 5, ["the value is here"] * 5)
+        return {
+            "answers": {"acc": answers, "acc_norm": answers},
+            "items": {
+                "window_loss": (hard + 4 + shift) * tokens,
+                "window_tokens": tokens,
+                "bleu_stats": stats,
+                "rouge_l": torch.full((5,), 0.5, dtype=torch.float64),
+            },
+        }
+
+    evaluated = {"trained": fake(-0.1), "untrained": fake(3), "unigram": fake(1), "bigram": fake(0)}
+    out = evaluation.compare_card_models(evaluated, 300, 0)
+    d = out["trained_minus_bigram_loss"]
+    assert d["mean"] == pytest.approx(-0.1) and d["high"] == pytest.approx(-0.1)
+    assert not d["inside_noise"] and d["window_correlation"] == pytest.approx(1.0)
+    same = out["trained_minus_bigram_acc"]  # identical answers: a difference of exactly 0
+    assert same["inside_noise"] and same["low"] == same["high"] == 0
