@@ -15,9 +15,10 @@ The idea
    the pre-trained model exactly. After training, B A can be added into W (merge): no extra
    cost at inference; or kept apart, one small adapter per task.
 2. QLoRA (Dettmers et al.): the frozen W is stored in 4-bit NF4 with double quantization
-   (``quantization.py``) and dequantized on the fly for each matmul; LoRA on top is trained in
-   full precision. The base costs ~4.1 bits per weight instead of 32. QLoRA computes in bf16 on
-   a GPU; here the dequantized weight and the matmul are float32, because on this CPU bf16 is
+   (``quantization.py``) and dequantized on the fly for each matmul; only LoRA on top trains,
+   and gradients flow through the dequantized W to the adapter's input. The base costs ~4.1 bits
+   per weight instead of 32. QLoRA computes in bf16 on a GPU (its eq. 5: X, the dequantized W and
+   the adapters in bf16); here all of it is float32, because on this CPU bf16 is
    not faster through plain PyTorch and it changes the numbers: bitsandbytes' own CPU inference
    kernel, which casts to bf16, differs from its float32 path by ~3e-3 in the logits (measured
    in ``check_qlora_parity``).
