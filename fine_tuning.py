@@ -1435,7 +1435,7 @@ def fine_tuning_claims(results: dict) -> dict:
     why = [
         "more than 5 points apart" if gap > 0.05 else "",
         f"not under 5%: a rank-8 update of a d x d matrix trains 2 * 8 / d of it, {16 / d:.1%} "
-        f"at this model's d_model {d} (0.4% at d_model 4096)"
+        f"at this model's d_model {d}, 0.4% at d_model 4096"
         if lora["trainable_fraction_of_full"] >= 0.05
         else "",
         "full fine-tuning did not learn the task" if full["accuracy_after"] <= base_acc else "",
