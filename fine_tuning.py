@@ -360,6 +360,9 @@ class KVPrefix(nn.Module):
     and KV head: peft's ``PrefixEncoder`` (the same parameter names and layout). With
     ``prefix_projection`` an embedding of width n_kv_heads * head_dim goes through a two-layer
     tanh MLP (Li and Liang's reparameterisation); else the embedding holds them directly.
+    Init as peft's default (``init_weights=None``: ``nn.Embedding``'s and ``nn.Linear``'s own);
+    unlike peft, which builds a model loaded with ``inference_mode=True`` without the MLP (its
+    embedding then holds the MLP's output), this always keeps the MLP when asked for it.
 
     ``forward(batch_size)`` returns one (keys, values) pair per layer, each
     (batch, n_kv_heads, num_virtual_tokens, head_dim): the KV-cache layout."""
