@@ -244,6 +244,7 @@ def test_lora_equals_peft(lora_parity, kind):
     adapter both ways: ours saved as a peft folder, peft's get_peft_model_state_dict in ours."""
     p = lora_parity[kind]
     assert p["logits_max_err"] <= 1e-6
+    assert p["adapter_effect_max"] > 1e-2  # B != 0: the adapter moves the logits, visibly
     assert p["merged_keys_equal"] and p["merged_bit_identical"]
     assert p["trainable_ours"] == p["trainable_peft"] > 0
     assert p["saved_adapter_in_peft_max_err"] <= 1e-6
@@ -272,6 +273,7 @@ def test_qlora_equals_peft_with_bitsandbytes():
         warnings.simplefilter("ignore")
         q = fine_tuning.check_qlora_parity(peft(), seed=1)
     assert q["logits_max_err"] <= 1e-5
+    assert q["adapter_effect_max"] > 1e-2  # the LoRA part is exercised, not only the NF4 base
     assert q["trainable_ours"] == q["trainable_peft"]
     assert q["packed_identical_layers"] == q["layers"]  # our NF4 bytes are bitsandbytes'
     assert q["absmax_codes_agree"] > 0.97  # a few double-quantized codes differ (quantization.py)
@@ -382,6 +384,7 @@ def test_training_moves_only_the_adapter_and_memory_is_measured(small_task):
 def _claims_results(full_acc, lora_acc, lora_forget, energy8):
     row = {
         "accuracy_before": 0.0,
+        "lr": 1e-3,
         "memory": {"measured": {"optimizer": 1000, "weights": 4000}, "exact": True},
         "trainable_fraction_of_full": 0.03,
         "forgetting": 0.5,
@@ -435,6 +438,7 @@ def _claims_results(full_acc, lora_acc, lora_forget, energy8):
         for f, c in cand.items()
     }
     return {
+        "model": {"config": {"d_model": 128}},
         "parity": {"skipped": "x"},
         "own_checks": own,
         "table": table,
@@ -485,13 +489,77 @@ def test_claims_follow_the_numbers():
     assert "memorise" not in bad["prefix_gradient_works"]["statement"]
     # forgetting at matched accuracy: full at 1e-3 (first >= 95%) vs LoRA at 3e-3
     m = good["forgetting_at_matched_accuracy"]
-    assert m["held"] and "(lr 0.001) moves the validation loss by +2.000" in m["statement"]
+    assert m["held"] and "(lr 0.001, 99.0% dev) moves the validation loss" in m["statement"]
+    assert "by +2.000 nats" in m["statement"]
+    # at the chosen rates: full's rate (3e-3 in the table) is 3x its gentlest 95% rate (1e-3)
+    r = _claims_results(0.99, 0.97, 0.01, 0.9)
+    r["table"]["full"]["lr"], r["table"]["lora_r8_all"]["lr"] = 3e-3, 3e-3
+    chosen = fine_tuning.fine_tuning_claims(r)["less_forgetting"]["statement"]
+    assert "full fine-tuning lr 0.003, LoRA r=8 lr 0.003" in chosen
+    assert "3x its gentlest" in chosen and "matched accuracy is the fair one" in chosen
+    r["table"]["full"]["lr"] = 1e-3  # at its gentlest rate: nothing to add
+    assert "gentlest" not in fine_tuning.fine_tuning_claims(r)["less_forgetting"]["statement"]
+    # LoRA r=8 over 5% of the parameters: said plainly, with the 2 r / d reason
+    r["table"]["lora_r8_all"]["trainable_fraction_of_full"] = 0.0593
+    over = fine_tuning.fine_tuning_claims(r)["lora_r8_near_full"]
+    assert (
+        not over["held"] and "training 5.93% of its parameters (not under 5%" in over["statement"]
+    )
+    assert "12.5% at this model's d_model 128" in over["statement"]
     assert not bad["forgetting_at_matched_accuracy"]["held"]
     assert "did not forget less" in bad["forgetting_at_matched_accuracy"]["statement"]
     nothing = fine_tuning.fine_tuning_claims(_claims_results(0.0, 0.0, 0.01, 0.9))
     assert not nothing["prefix_tuning_learns"]["held"]
     assert "did not learn the task" in nothing["prefix_tuning_learns"]["statement"]
     assert not nothing["lora_r8_near_full"]["held"]  # level at 0% is no success
+
+
+def _parity_results(err=1e-7, effect=0.5, merged_err=0.0, q_err=2e-7, q_effect=0.5):
+    row = {
+        "logits_max_err": err,
+        "adapter_effect_max": effect,
+        "trainable_ours": 8,
+        "trainable_peft": 8,
+        "merged_keys_equal": True,
+        "merged_weight_max_err": merged_err,
+        "merged_bit_identical": merged_err == 0,
+        "saved_adapter_in_peft_max_err": 0.0,
+        "peft_adapter_in_ours_max_err": err,
+    }
+    prefix = {
+        "logits_max_err": 1e-7,
+        "grad_max_err": 1e-6,
+        "grad_keys_equal": True,
+        "trainable_ours": 4,
+        "trainable_peft": 4,
+    }
+    qlora = {
+        "logits_max_err": q_err,
+        "adapter_effect_max": q_effect,
+        "own_quantization_logits_max_err": 1e-4,
+        "absmax_codes_agree": 0.99,
+    }
+    return {"lora": {"lora": row, "rslora": row}, "qlora": qlora, "prefix": {"gqa": prefix}}
+
+
+def _parity_claims(**kwargs):
+    results = _claims_results(0.99, 0.97, 0.01, 0.9)
+    results["parity"] = _parity_results(**kwargs)
+    return fine_tuning.fine_tuning_claims(results)
+
+
+def test_parity_claims_follow_the_numbers():
+    ok = _parity_claims()
+    assert all(c["held"] for c in ok.values()), ok
+    assert "bit-identical to merge_and_unload" in ok["lora_equals_peft"]["statement"]
+    assert "the adapter alone moves them by 5.0e-01" in ok["lora_equals_peft"]["statement"]
+    off = _parity_claims(merged_err=1e-3)["lora_equals_peft"]
+    assert not off["held"] and "within 1.0e-03 of merge_and_unload" in off["statement"]
+    assert not _parity_claims(err=1e-5)["lora_equals_peft"]["held"]
+    # an adapter that does not move the logits proves nothing
+    assert not _parity_claims(effect=1e-6)["lora_equals_peft"]["held"]
+    assert not _parity_claims(q_effect=1e-6)["qlora_equals_peft"]["held"]
+    assert not _parity_claims(q_err=1e-3)["qlora_equals_peft"]["held"]
 
 
 def test_learning_rate_choice_follows_the_dev_split():
