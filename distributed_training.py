@@ -1824,8 +1824,8 @@ def zero3_phrase(com: dict) -> str:
 def idle_sentence(split: dict, name: str, formula: float, label: str) -> tuple[str, bool]:
     """How the measured idle fraction of a schedule on one split of the model compares with (7),
     in words, and, when it differs, what the schedule replayed with each rank's measured forward
-    and backward times predicts: unequal stages, which (7) assumes away, or (what remains)
-    waiting on messages and on the shared cores."""
+    and backward times predicts: the share of the gap that unequal stages, which (7) assumes
+    away, account for (the rest, not measured, is likely waiting on messages and cores)."""
     meas, staged = split[name]["idle_fraction_measured"], split[name]["idle_fraction_stage_times"]
     inside = meas["min"] <= formula <= meas["max"] or abs(meas["median"] - formula) < 0.05
     text = (
@@ -1834,11 +1834,16 @@ def idle_sentence(split: dict, name: str, formula: float, label: str) -> tuple[s
     )
     if inside:
         return text + ": within 0.05 or the run-to-run spread", True
-    why = (
-        "unequal stages explain most of the gap"
-        if abs(staged - meas["median"]) < abs(formula - meas["median"]) / 2
-        else "most of the gap is waiting on gloo messages and on the shared cores"
-    )
+    share = (staged - formula) / (meas["median"] - formula)  # of the gap, from stage times
+    if share >= 1:
+        why = "unequal stages account for all of the gap"
+    elif share <= 0:
+        why = "unequal stages account for none of the gap; the rest is not measured here"
+    else:
+        why = (
+            f"unequal stages account for {share:.0%} of the gap; the rest is not measured here"
+            " (likely waiting on gloo messages and on the shared cores)"
+        )
     return (
         f"{text}: this run did not show the formula; replayed with each rank's measured "
         f"forward and backward times the schedule idles {staged:.2f}: {why}",

@@ -367,9 +367,16 @@ def test_idle_sentence_says_when_the_run_did_not_show_the_bubble():
     }
     text, held = idle_sentence(split, "gpipe", 0.2, "equal layers")
     assert not held and "did not show" in text and "0.60" in text and "equal layers" in text
-    assert "unequal stages" in text  # 0.55 is near 0.60: imbalance, not messages
+    assert "unequal stages account for 88% of the gap" in text  # (0.55 - 0.2) / (0.6 - 0.2)
     split["gpipe"]["idle_fraction_stage_times"] = 0.25
-    assert "waiting on gloo" in idle_sentence(split, "gpipe", 0.2, "x")[0]
+    assert (
+        "account for 12% of the gap; the rest is not measured"
+        in idle_sentence(split, "gpipe", 0.2, "x")[0]
+    )
+    split["gpipe"]["idle_fraction_stage_times"] = 0.65
+    assert "account for all of the gap" in idle_sentence(split, "gpipe", 0.2, "x")[0]
+    split["gpipe"]["idle_fraction_stage_times"] = 0.15
+    assert "account for none of the gap" in idle_sentence(split, "gpipe", 0.2, "x")[0]
     split["gpipe"]["idle_fraction_measured"] = {"median": 0.21, "min": 0.18, "max": 0.25}
     text, held = idle_sentence(split, "gpipe", 0.2, "x")
     assert held and "within" in text
